@@ -1,0 +1,33 @@
+"""Defaults shared by the targets, the head and the loss."""
+
+#: DBNet shrink ratio r: the core offset is D = A (1 - r^2) / L.
+SHRINK_RATIO: float = 0.4
+
+#: Value of the border ("threshold") map far from any lesion boundary.
+THRESH_MIN: float = 0.3
+
+#: Value of the border ("threshold") map on a lesion boundary.
+THRESH_MAX: float = 0.7
+
+#: Width of the head's hidden layers (must satisfy SACA's group/split constraints).
+HIDDEN_CHANNELS: int = 16
+
+#: The head's main branch runs at <= 1/HEAD_STRIDE of the mask size, its fusion on sub-pixel blocks.
+HEAD_STRIDE: int = 2
+
+#: SACA defaults (SRU group norm groups, gate threshold; CRU split, squeeze, groups, kernel).
+SACA_GROUP_NUM: int = 4
+SACA_GATE_THRESHOLD: float = 0.5
+SACA_ALPHA: float = 0.5
+SACA_SQUEEZE_RATIO: int = 2
+SACA_GROUP_SIZE: int = 2
+SACA_GROUP_KERNEL_SIZE: int = 3
+
+#: Steepness k of the DB-style differentiable binarization 1 / (1 + exp(-k (P - T))).
+DB_STEEPNESS: float = 50.0
+
+#: Loss weights (mask, main, edge, fused).
+W_MASK: float = 1.0
+W_MAIN: float = 1.0
+W_EDGE: float = 1.0
+W_FUSED: float = 1.0

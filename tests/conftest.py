@@ -1,0 +1,44 @@
+"""Shared fixtures: device/dtype and tiny smp models built without downloads."""
+
+from __future__ import annotations
+
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=[torch.float32, torch.float64])
+def dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    return request.param
+
+
+def tiny_unet(in_channels: int = 3, **kwargs) -> torch.nn.Module:
+    """A small smp Unet (resnet18, depth 3) that runs a step in well under a second on CPU."""
+    return smp.Unet(
+        "resnet18",
+        encoder_weights=None,
+        encoder_depth=3,
+        decoder_channels=(32, 16, 16),
+        in_channels=in_channels,
+        classes=1,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tiny_unet()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads() -> None:
+    # Two cores: intra-op threads beyond that only add contention between test workers.
+    torch.set_num_threads(min(2, torch.get_num_threads()))

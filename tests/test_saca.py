@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from adst_plugin.saca import CRU, SACA, SRU, saca_channel_problems
+
+
+@pytest.mark.parametrize("channels", [8, 16, 24, 32, 64])
+def test_valid_widths_keep_shape(channels):
+    x = torch.rand(2, channels, 9, 12)
+    assert SACA(channels)(x).shape == x.shape
+
+
+@pytest.mark.parametrize("channels", [4, 6, 10, 12, 14, 20])
+def test_invalid_widths_raise_a_clear_error(channels):
+    # The reference implementation crashes deep inside for these widths.
+    assert saca_channel_problems(channels)
+    with pytest.raises(ValueError, match=rf"channels={channels} does not fit.*Valid widths include \[8, 16"):
+        SACA(channels)
+
+
+def test_every_parameter_gets_a_gradient():
+    module = SACA(16)
+    module(torch.randn(2, 16, 8, 8)).square().mean().backward()
+    missing = [name for name, p in module.named_parameters() if p.grad is None]
+    assert missing == []
+    assert module.sru.gn.weight.grad.abs().sum() > 0
+
+
+def test_sru_is_identity_when_every_channel_is_informative():
+    sru = SRU(8)
+    with torch.no_grad():
+        sru.gn.bias.fill_(100.0)  # sigmoid gate ~1 everywhere -> nothing redundant to cross-add
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.allclose(sru(x), x)
+
+
+def test_sru_cross_adds_redundant_halves():
+    # Nothing passes a gate of 1: both parts are the gate-weighted input, so each half is their cross sum.
+    sru = SRU(8, gate_threshold=1.0)
+    x = torch.randn(1, 8, 4, 4)
+    gate = torch.sigmoid(sru.gn(x) * (sru.gn.weight / sru.gn.weight.sum()).view(1, -1, 1, 1))
+    weighted = gate * x
+    cross = weighted[:, :4] + weighted[:, 4:]
+    expected = torch.cat([cross, cross], dim=1)
+    assert torch.allclose(sru(x), expected, atol=1e-6)
+
+
+def test_cru_shapes_and_softmax_fuse():
+    cru = CRU(16)
+    x = torch.randn(3, 16, 7, 5)
+    assert cru(x).shape == x.shape
+    assert cru.gwc.groups == 2 and cru.gwc.in_channels == 4
+
+
+def test_gradcheck():
+    torch.manual_seed(0)
+    module = SACA(8).double()
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(module, (x,), atol=1e-5)
