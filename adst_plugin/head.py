@@ -29,7 +29,7 @@ from .convglu import ConvGLU
 from .laplacian import LaplacianEdge
 from .saca import SACA
 
-__all__ = ["HeadMaps", "MainThresholdMap", "FusionMap", "DBFusion", "ADSTHead", "FUSIONS"]
+__all__ = ["FUSIONS", "ADSTHead", "DBFusion", "FusionMap", "HeadMaps", "MainThresholdMap"]
 
 #: Fusion variants of :class:`ADSTHead`.
 FUSIONS = ("convglu", "db")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._checks import check_bchw
 
-__all__ = ["binomial_kernel2d", "pyr_down", "pyr_up", "laplacian_pyramid", "edge_map", "LaplacianEdge"]
+__all__ = ["LaplacianEdge", "binomial_kernel2d", "edge_map", "laplacian_pyramid", "pyr_down", "pyr_up"]
 
 
 def binomial_kernel2d(*, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:

@@ -21,7 +21,7 @@ from ._checks import check_bchw, check_mask, check_mask_matches
 from .targets import adst_targets
 from .wrapper import ADSTOutput
 
-__all__ = ["DiceBCELoss", "ADSTLoss"]
+__all__ = ["ADSTLoss", "DiceBCELoss"]
 
 
 class DiceBCELoss(nn.Module):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import constants as C
 
-__all__ = ["SRU", "CRU", "SACA", "saca_channel_problems"]
+__all__ = ["CRU", "SACA", "SRU", "saca_channel_problems"]
 
 
 def saca_channel_problems(

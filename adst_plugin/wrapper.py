@@ -19,7 +19,7 @@ from ._checks import check_bchw
 from .head import ADSTHead
 from .hooks import FeatureTap, resolve_module
 
-__all__ = ["ADSTOutput", "ADSTModel", "wrap_with_adst", "TAPS"]
+__all__ = ["TAPS", "ADSTModel", "ADSTOutput", "wrap_with_adst"]
 
 #: Where the head reads from: a submodule's output features, or the model's mask logits (paper-faithful).
 TAPS = ("decoder", "logits")

@@ -5,7 +5,9 @@ from adst_plugin.head import ADSTHead, DBFusion, FusionMap
 
 
 @pytest.mark.parametrize("head_stride", [1, 2, 3, 4])
-@pytest.mark.parametrize(("feature_size", "mask_size"), [((64, 48), (64, 48)), ((16, 12), (64, 48)), ((33, 47), (33, 47))])
+@pytest.mark.parametrize(
+    ("feature_size", "mask_size"), [((64, 48), (64, 48)), ((16, 12), (64, 48)), ((33, 47), (33, 47))]
+)
 def test_maps_come_at_the_mask_size(head_stride, feature_size, mask_size):
     head = ADSTHead(24, head_stride=head_stride)
     maps = head(torch.rand(2, 24, *feature_size), torch.randn(2, 1, *mask_size))

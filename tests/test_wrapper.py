@@ -95,25 +95,37 @@ def test_state_dict_round_trip_resumes_training(unet):
     model.eval(), clone.eval()
     with torch.no_grad():
         a, b = model.forward_adst(x), clone.forward_adst(x)
-    for u, v in zip(a[:4], b[:4]):
+    for u, v in zip(a[:4], b[:4], strict=True):
         assert torch.equal(u, v)
 
 
 def test_aux_params_labels_pass_through():
-    base = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(32, 16, 16), classes=1,
-                    aux_params={"classes": 3})
+    base = smp.Unet(
+        "resnet18",
+        encoder_weights=None,
+        encoder_depth=3,
+        decoder_channels=(32, 16, 16),
+        classes=1,
+        aux_params={"classes": 3},
+    )
     model = wrap_with_adst(base)
     out = model(torch.rand(2, 3, 64, 64))
     assert out.labels.shape == (2, 3)
     model.eval()
-    masks, labels = model(torch.rand(2, 3, 64, 64))
+    _, labels = model(torch.rand(2, 3, 64, 64))
     assert labels.shape == (2, 3)
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_in_channels_and_timm_encoder(in_channels):
-    base = smp.Unet("tu-resnet10t", encoder_weights=None, encoder_depth=3, decoder_channels=(32, 16, 16),
-                    in_channels=in_channels, classes=1)
+    base = smp.Unet(
+        "tu-resnet10t",
+        encoder_weights=None,
+        encoder_depth=3,
+        decoder_channels=(32, 16, 16),
+        in_channels=in_channels,
+        classes=1,
+    )
     out = wrap_with_adst(base)(torch.rand(2, in_channels, 64, 64))
     assert out.fused.shape == (2, 1, 64, 64)
 
@@ -154,7 +166,7 @@ def test_generic_module_needs_channels_when_unknown():
 
 
 def test_bad_configurations_raise_clear_errors(unet):
-    with pytest.raises(ValueError, match="classes=1.*got classes=2"):
+    with pytest.raises(ValueError, match=r"classes=1.*got classes=2"):
         wrap_with_adst(smp.Unet("resnet18", encoder_weights=None, classes=2))
     with pytest.raises(ValueError, match="no submodule 'neck'"):
         wrap_with_adst(unet, features="neck")
@@ -164,10 +176,11 @@ def test_bad_configurations_raise_clear_errors(unet):
         wrap_with_adst(unet, hidden_channels=20)
     with pytest.raises(TypeError, match="already wrapped"):
         wrap_with_adst(wrap_with_adst(unet))
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         wrap_with_adst("Unet")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_exported_model_scripts_exports_and_round_trips_the_hub(tmp_path, unet):
     model = wrap_with_adst(unet)
     model(torch.rand(2, 3, 64, 64))

@@ -1,0 +1,116 @@
+"""Zero-cost inference: the exported model vs a freshly built plain smp model holding the same weights.
+
+    python examples/benchmarks/inference.py                 # Unet-resnet34, 256², batch 8
+    python examples/benchmarks/inference.py --arch FPN --batch 1
+
+Prints parameter counts, whether outputs are bit-identical, the eval latency ratio (interleaved, median),
+the cost the head would add if it were kept at inference (as the reference code does), and TorchScript /
+ONNX export of the exported model when those are available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ARCHS, build_model, count_params, interleaved_medians, machine, pick_device
+
+from adst_plugin import ADSTLoss, wrap_with_adst
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="Unet", choices=ARCHS)
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+
+    model = wrap_with_adst(build_model(args.arch, args.encoder)).to(device)
+    x = torch.rand(args.batch, 3, args.size, args.size, device=device)
+    # One training step so weights and BN statistics are not the initial ones.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    ADSTLoss()(model(x), (x[:, :1] > 0.5).float()).backward()
+    optimizer.step()
+    model.eval()
+
+    exported = model.export()
+    fresh = build_model(args.arch, args.encoder, seed=123).to(device).eval()
+    fresh.load_state_dict(exported.state_dict())
+    with torch.inference_mode():
+        identical = torch.equal(exported(x), fresh(x)) and torch.equal(exported(x), model(x))
+
+        def run_exported():
+            exported(x)
+
+        def run_fresh():
+            fresh(x)
+
+        def run_head_kept():
+            model.forward_adst(x)
+
+        medians = interleaved_medians(
+            {"fresh": run_fresh, "exported": run_exported, "head_kept": run_head_kept},
+            device,
+            args.steps,
+            args.warmup,
+        )
+
+    scripted = "n/a"
+    if getattr(type(exported), "_is_torch_scriptable", True):
+        try:
+            torch.jit.script(exported)
+            scripted = "ok"
+        except Exception as error:  # report, don't hide: the table shows the failure
+            scripted = f"failed: {type(error).__name__}"
+    try:
+        import onnx  # noqa: F401
+
+        torch.onnx.export(exported.cpu(), (x[:1].cpu(),), io.BytesIO(), dynamo=False)
+        onnx_status = "ok"
+    except ImportError:
+        onnx_status = "skipped (pip install onnx)"
+    except Exception as error:
+        onnx_status = f"failed: {type(error).__name__}"
+
+    result = {
+        "params_fresh": count_params(fresh),
+        "params_exported": count_params(exported),
+        "identical": identical,
+        "ratio": medians["exported"] / medians["fresh"],
+        "head_kept_ratio": medians["head_kept"] / medians["fresh"],
+        "fresh_s": medians["fresh"],
+        "exported_s": medians["exported"],
+        "torchscript": scripted,
+        "onnx": onnx_status,
+    }
+    print(f"\n# Zero-cost inference — {machine(device)} — {dt.date.today()}")
+    print(f"{args.arch}-{args.encoder}, {args.size}², batch {args.batch}, median of {args.steps} eval forwards\n")
+    print(
+        "| params plain | params exported | bit-identical | exported/plain latency | head-kept/plain latency "
+        "| TorchScript | ONNX |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    extra = result["params_exported"] - result["params_fresh"]
+    print(
+        f"| {result['params_fresh']:,} | {result['params_exported']:,} (+{extra}) | {identical} "
+        f"| {result['ratio']:.3f}x | {result['head_kept_ratio']:.2f}x | {scripted} | {onnx_status} |"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Training overhead of ADST: forward + backward + optimizer step, wrapped vs plain, same model and batch.
+
+    python examples/benchmarks/train_overhead.py                       # Unet-resnet34, 256², batch 8
+    python examples/benchmarks/train_overhead.py --all-archs --size 128 --batch 4 --steps 10
+
+Steps are interleaved A/B/A/B after a warm-up; the ratio of the medians is printed. The ADST step includes
+everything a user pays for: the head, the on-the-fly targets and the auxiliary loss terms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ARCHS, build_model, count_params, interleaved_medians, machine, pick_device
+
+from adst_plugin import ADSTLoss, DiceBCELoss, wrap_with_adst
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
+    base = build_model(arch, args.encoder, args.in_channels)
+    plain = copy.deepcopy(base).to(device)
+    adst = wrap_with_adst(base, tap=args.tap, head_stride=args.head_stride).to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    plain, adst = plain.to(memory_format=fmt), adst.to(memory_format=fmt)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, args.in_channels, args.size, args.size, generator=generator)
+    x = x.to(device).to(memory_format=fmt)
+    yy, xx = torch.meshgrid(torch.arange(args.size), torch.arange(args.size), indexing="ij")
+    disk = ((yy - args.size / 2) ** 2 + (xx - args.size / 3) ** 2) < (args.size / 5) ** 2
+    y = disk.expand(args.batch, 1, -1, -1).float().to(device)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+    def step_fn(model, criterion):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    medians = interleaved_medians(
+        {"plain": step_fn(plain, DiceBCELoss()), "adst": step_fn(adst, ADSTLoss())}, device, args.steps, args.warmup
+    )
+    head_flops = flops(lambda: adst(x)) - flops(lambda: plain(x))  # forward FLOPs the head adds
+    return {
+        "arch": arch,
+        "plain_s": medians["plain"],
+        "adst_s": medians["adst"],
+        "ratio": medians["adst"] / medians["plain"],
+        "head_params": count_params(adst.head),
+        "model_params": count_params(plain),
+        "head_gflops": head_flops / 1e9,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="Unet", choices=ARCHS)
+    parser.add_argument("--all-archs", action="store_true", help="measure every smp architecture")
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--in-channels", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--tap", default="decoder", choices=["decoder", "logits"])
+    parser.add_argument("--head-stride", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    rows = [measure(arch, args, device) for arch in (ARCHS if args.all_archs else [args.arch])]
+
+    print(f"\n# Training overhead — {machine(device)} — {dt.date.today()}")
+    print(
+        f"encoder {args.encoder}, {args.size}², batch {args.batch}, amp {args.amp}, channels_last "
+        f"{args.channels_last}, tap {args.tap}, head_stride {args.head_stride}, median of {args.steps} steps\n"
+    )
+    print("| arch | plain s/step | ADST s/step | ratio | head params | model params | head fwd GFLOPs |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['arch']} | {r['plain_s']:.3f} | {r['adst_s']:.3f} | {r['ratio']:.2f}x | {r['head_params']:,} "
+            f"| {r['model_params']:,} | {r['head_gflops']:.2f} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

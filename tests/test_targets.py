@@ -1,0 +1,515 @@
+"""Tests for ``adst_plugin.targets``: exactness against an independent SciPy reference, properties, edge cases."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from adst_plugin import targets as targets_module
+from adst_plugin.constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
+from adst_plugin.targets import adst_targets, border_map, boundary_map, core_map
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# --------------------------------------------------------------------------------------------------------------
+# Independent reference (SciPy only)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reference_boundary(m: np.ndarray) -> np.ndarray:
+    """Boundary of a 2-D bool mask: in the mask with a 4-neighbour outside; the frame replicates (is not outside)."""
+    p = np.pad(m, 1, mode="edge")
+    interior = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m & ~interior
+
+
+def reference_targets(
+    mask: np.ndarray, r: float = SHRINK_RATIO, t_min: float = THRESH_MIN, t_max: float = THRESH_MAX
+) -> tuple[np.ndarray, np.ndarray]:
+    """Core and border of a bool ``(B, 1, H, W)`` mask, straight from the definitions (float64).
+
+    Returns:
+        ``(core, border)``: ``(B, 1, H, W)`` float64 each.
+    """
+    core = np.zeros(mask.shape)
+    border = np.zeros(mask.shape)
+    for i in range(mask.shape[0]):
+        m = mask[i, 0].astype(bool)
+        bnd = reference_boundary(m)
+        labels, n = ndimage.label(m, structure=np.ones((3, 3), int))
+        best = np.zeros(m.shape)
+        for c in range(1, n + 1):
+            comp = labels == c
+            bnd_c = bnd & comp
+            if not bnd_c.any():
+                core[i, 0][comp] = 1.0
+                continue
+            offset = comp.sum() * (1.0 - r * r) / bnd_c.sum()
+            dist = ndimage.distance_transform_edt(~bnd_c)
+            sel = comp & (dist >= offset)
+            if not sel.any():
+                sel = comp & (dist == dist[comp].max())
+            core[i, 0][sel] = 1.0
+            best = np.maximum(best, np.clip(1.0 - dist / offset, 0.0, 1.0))
+        border[i, 0] = t_min + (t_max - t_min) * best
+    return core, border
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two bool arrays; 1 when both are empty."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mask generators
+# --------------------------------------------------------------------------------------------------------------
+
+KINDS = ("blobs", "rects", "noise", "disks", "lines", "empty", "full")
+
+
+def random_mask(rng: np.random.Generator, h: int, w: int, kind: str) -> np.ndarray:
+    """One random bool ``(h, w)`` mask of the given kind (multiple components, holes, thin parts, frame contact)."""
+    if kind == "empty":
+        return np.zeros((h, w), bool)
+    if kind == "full":
+        return np.ones((h, w), bool)
+    if kind == "noise":
+        return rng.random((h, w)) < rng.uniform(0.05, 0.95)
+    if kind == "blobs":
+        field = ndimage.gaussian_filter(rng.standard_normal((h, w)), rng.uniform(0.5, 4.0), mode="reflect")
+        return field > rng.uniform(-0.3, 0.6) * field.std()
+    m = np.zeros((h, w), bool)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(int(rng.integers(1, 6))):
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        if kind == "rects":
+            y1, x1 = y0 + int(rng.integers(1, h + 1)), x0 + int(rng.integers(1, w + 1))
+            m[y0:y1, x0:x1] = True
+            if rng.random() < 0.4:  # punch a hole
+                m[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] = False
+        elif kind == "disks":
+            radius = rng.uniform(0.5, max(h, w) / 2)
+            disk = (yy - y0) ** 2 + (xx - x0) ** 2 <= radius**2
+            m = m ^ disk if rng.random() < 0.3 else m | disk
+        else:  # lines: 1-pixel-wide horizontal / vertical / diagonal segments
+            length = int(rng.integers(1, max(h, w) + 1))
+            dy, dx = [(0, 1), (1, 0), (1, 1), (1, -1)][int(rng.integers(0, 4))]
+            for t in range(length):
+                y, x = y0 + t * dy, x0 + t * dx
+                if 0 <= y < h and 0 <= x < w:
+                    m[y, x] = True
+    return m
+
+
+@st.composite
+def masks(draw: st.DrawFn, max_side: int = 48, max_batch: int = 3) -> np.ndarray:
+    """Bool ``(B, 1, H, W)`` masks with odd / non-square sizes in ``1..max_side``, each item of a random kind."""
+    b = draw(st.integers(1, max_batch))
+    h, w = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    kinds = draw(st.lists(st.sampled_from(KINDS), min_size=b, max_size=b))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return np.stack([random_mask(rng, h, w, kind)[None] for kind in kinds])
+
+
+params = st.tuples(
+    st.floats(0.05, 0.95),
+    st.floats(0.0, 0.45),
+    st.floats(0.55, 1.0),
+)
+
+# --------------------------------------------------------------------------------------------------------------
+# Agreement with the reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+@settings(SETTINGS, max_examples=800)
+@given(mask=masks(), p=params)
+def test_matches_reference(mask: np.ndarray, p: tuple[float, float, float]) -> None:
+    r, t_min, t_max = p
+    core, border = adst_targets(mask, shrink_ratio=r, thresh_min=t_min, thresh_max=t_max)
+    ref_core, ref_border = reference_targets(mask, r, t_min, t_max)
+    for i in range(mask.shape[0]):
+        assert iou(core[i] > 0.5, ref_core[i] > 0.5) >= 0.99
+        assert np.abs(border[i] - ref_border[i]).mean() <= 1e-3
+    # In fact both are exact up to float32 rounding.
+    np.testing.assert_array_equal(core, ref_core)
+    np.testing.assert_allclose(border, ref_border, rtol=0, atol=1e-5)
+
+
+@SETTINGS
+@given(mask=masks())
+def test_boundary_matches_reference(mask: np.ndarray) -> None:
+    expected = np.stack([reference_boundary(m[0])[None] for m in mask])
+    np.testing.assert_array_equal(boundary_map(mask), expected)
+    np.testing.assert_array_equal(boundary_map(torch.from_numpy(mask)).numpy(), expected)
+
+
+def test_matches_reference_larger_realistic() -> None:
+    """Larger masks with big smooth lesions (large offsets D, crops clipped by the frame), on several threads."""
+    rng = np.random.default_rng(1234)
+    mask = np.stack([random_mask(rng, 96, 130, kind)[None] for kind in ["blobs", "disks", "rects", "blobs"] * 2])
+    core, border = adst_targets(torch.from_numpy(mask), num_threads=4)
+    ref_core, ref_border = reference_targets(mask)
+    np.testing.assert_array_equal(core.numpy(), ref_core)
+    np.testing.assert_allclose(border.numpy(), ref_border, rtol=0, atol=1e-5)
+
+
+def _square(size: int, y0: int, x0: int, side: int) -> np.ndarray:
+    m = np.zeros((1, 1, size, size), bool)
+    m[0, 0, y0 : y0 + side, x0 : x0 + side] = True
+    return m
+
+
+def test_square_exact() -> None:
+    # 5x5 square: A = 25, L = 16, D = 25 * 0.84 / 16 = 1.3125; d = 0 on the ring, 1 on the next ring, 2 at the centre.
+    mask = _square(9, 2, 2, 5)
+    core, border = adst_targets(mask)
+    expected_core = np.zeros((9, 9), np.float32)
+    expected_core[4, 4] = 1.0
+    np.testing.assert_array_equal(core[0, 0], expected_core)
+    offset = 25 * (1 - SHRINK_RATIO**2) / 16
+    yy, xx = np.mgrid[:9, :9]
+    ring = reference_boundary(mask[0, 0])
+    ring_pts = np.argwhere(ring)
+    dist = np.sqrt(((np.stack([yy, xx], -1)[:, :, None, :] - ring_pts) ** 2).sum(-1)).min(-1)
+    expected_border = THRESH_MIN + (THRESH_MAX - THRESH_MIN) * np.clip(1 - dist / offset, 0, 1)
+    np.testing.assert_allclose(border[0, 0], expected_border, rtol=0, atol=1e-6)
+    assert border[0, 0, 2, 2] == np.float32(THRESH_MAX)
+    assert border[0, 0, 0, 0] == np.float32(THRESH_MIN)
+
+
+HAND_BUILT: dict[str, Callable[[], np.ndarray]] = {
+    "big square": lambda: _square(40, 5, 7, 25),
+    "square in corner (frame is not boundary)": lambda: _square(20, 0, 0, 12),
+    "ring with hole": lambda: _square(30, 3, 3, 20) & ~_square(30, 9, 9, 8),
+    "two squares touching diagonally (one component)": lambda: _square(20, 2, 2, 6) | _square(20, 8, 8, 6),
+    "two separate lesions": lambda: _square(32, 1, 1, 10) | _square(32, 15, 18, 14),
+    "lesion inside a hole": lambda: (_square(30, 2, 2, 26) & ~_square(30, 6, 6, 18)) | _square(30, 12, 12, 6),
+}
+
+
+@pytest.mark.parametrize("name", list(HAND_BUILT))
+def test_hand_built_exact(name: str) -> None:
+    mask = HAND_BUILT[name]()
+    core, border = adst_targets(mask)
+    ref_core, ref_border = reference_targets(mask)
+    np.testing.assert_array_equal(core, ref_core)
+    np.testing.assert_allclose(border, ref_border, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Properties
+# --------------------------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(mask=masks(), p=params)
+def test_properties(mask: np.ndarray, p: tuple[float, float, float]) -> None:
+    r, t_min, t_max = p
+    core, border = adst_targets(torch.from_numpy(mask), shrink_ratio=r, thresh_min=t_min, thresh_max=t_max)
+    core_b, border = core.numpy() > 0.5, border.numpy()
+    assert not (core_b & ~mask).any(), "core must lie inside the mask"
+    assert set(np.unique(core.numpy())) <= {0.0, 1.0}
+    assert border.min() >= np.float32(t_min) and border.max() <= np.float32(t_max)
+    bnd = boundary_map(mask)
+    assert (border[bnd] == np.float32(t_max)).all(), "border is exactly thresh_max on the boundary"
+    assert (border[~bnd] < np.float32(t_max)).all(), "and only there"
+    for i in range(mask.shape[0]):
+        labels, n = ndimage.label(mask[i, 0], structure=np.ones((3, 3), int))
+        for c in range(1, n + 1):
+            assert core_b[i, 0][labels == c].any(), "every lesion keeps at least one core pixel"
+
+
+@SETTINGS
+@given(mask=masks())
+def test_equivariance(mask: np.ndarray) -> None:
+    x = torch.from_numpy(mask)
+    core, border = adst_targets(x)
+    for name, fwd, inv in [
+        ("flip H", lambda t: torch.flip(t, dims=[-2]), lambda t: torch.flip(t, dims=[-2])),
+        ("flip W", lambda t: torch.flip(t, dims=[-1]), lambda t: torch.flip(t, dims=[-1])),
+        *[
+            (
+                f"rot90 k={k}",
+                lambda t, k=k: torch.rot90(t, k, dims=[-2, -1]),
+                lambda t, k=k: torch.rot90(t, -k, [-2, -1]),
+            )
+            for k in (1, 2, 3)
+        ],
+    ]:
+        c, b = adst_targets(fwd(x))
+        assert torch.equal(inv(c), core), name
+        torch.testing.assert_close(inv(b), border, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(inv(boundary_map(fwd(x))), boundary_map(x)), name
+
+
+@SETTINGS
+@given(mask=masks(max_side=32, max_batch=6))
+def test_batch_items_independent(mask: np.ndarray) -> None:
+    core, border = adst_targets(mask, num_threads=3)
+    for i in range(mask.shape[0]):
+        c, b = adst_targets(mask[i : i + 1], num_threads=1)
+        np.testing.assert_array_equal(core[i : i + 1], c)
+        np.testing.assert_array_equal(border[i : i + 1], b)
+
+
+@SETTINGS
+@given(mask=masks(max_side=40))
+def test_internal_paths_agree(mask: np.ndarray) -> None:
+    """Force the rarely-taken engine path (OpenCV component statistics instead of per-component bbox scans)."""
+    core, border = adst_targets(mask)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(targets_module, "_MAX_COMPONENTS_FOR_BBOX_SCAN", 0)
+        core2, border2 = adst_targets(mask)
+    np.testing.assert_array_equal(core, core2)
+    np.testing.assert_array_equal(border, border2)
+
+
+def test_min_sq_distance() -> None:
+    for offset in [1e-9, 0.5, 0.84, 1.0, 1.3125, 2.0, np.nextafter(2.0, 3.0), 7.5, 1234.5678]:
+        k = targets_module._min_sq_distance(float(offset))
+        assert np.sqrt(k) >= offset and (k == 0 or np.sqrt(k - 1) < offset)
+
+
+def test_core_and_border_maps_match_adst_targets() -> None:
+    mask = HAND_BUILT["two separate lesions"]()
+    core, border = adst_targets(mask, shrink_ratio=0.6, thresh_min=0.1, thresh_max=0.9)
+    np.testing.assert_array_equal(core_map(mask, shrink_ratio=0.6), core)
+    np.testing.assert_array_equal(border_map(mask, shrink_ratio=0.6, thresh_min=0.1, thresh_max=0.9), border)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Degenerate cases
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_empty_mask() -> None:
+    core, border = adst_targets(np.zeros((2, 1, 7, 5), bool))
+    assert (core == 0).all() and (border == np.float32(THRESH_MIN)).all()
+    assert not boundary_map(np.zeros((1, 1, 4, 4), bool)).any()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (5, 1), (6, 9)])
+def test_full_mask(shape: tuple[int, int]) -> None:
+    core, border = adst_targets(np.ones((1, 1, *shape), bool))
+    assert (core == 1).all() and (border == np.float32(THRESH_MIN)).all()
+    assert not boundary_map(np.ones((1, 1, *shape), bool)).any()
+
+
+def test_lesion_touching_frame() -> None:
+    # Left part of the image: only the interface column is boundary, not the frame.
+    mask = np.zeros((1, 1, 10, 14), bool)
+    mask[..., :8] = True
+    bnd = boundary_map(mask)[0, 0]
+    expected = np.zeros((10, 14), bool)
+    expected[:, 7] = True
+    np.testing.assert_array_equal(bnd, expected)
+    core, border = adst_targets(mask)
+    # A = 80, L = 10, D = 6.72: the core is the columns at distance >= 6.72 from column 7, i.e. column 0 only.
+    expected_core = np.zeros((10, 14), np.float32)
+    expected_core[:, 0] = 1
+    np.testing.assert_array_equal(core[0, 0], expected_core)
+    assert (border[0, 0, :, 7] == np.float32(THRESH_MAX)).all()
+    assert (border[0, 0, :, 0] == np.float32(THRESH_MIN)).all()
+    np.testing.assert_allclose(border[0, 0, :, 4], THRESH_MIN + (THRESH_MAX - THRESH_MIN) * (1 - 3 / 6.72), atol=1e-6)
+
+
+def test_holes_have_boundary() -> None:
+    mask = HAND_BUILT["ring with hole"]()
+    bnd = boundary_map(mask)[0, 0]
+    # The pixels around the hole (rows/cols 8 and 17 around the 8x8 hole at 9..16) are boundary.
+    assert bnd[8, 9:17].all() and bnd[17, 9:17].all() and bnd[9:17, 8].all() and bnd[9:17, 17].all()
+    assert not bnd[9:17, 9:17].any()
+    core, border = adst_targets(mask)
+    assert not core[0, 0, 8, 9:17].any()
+    assert (border[0, 0, 9:17, 9:17] > np.float32(THRESH_MIN)).any()
+
+
+def test_one_pixel_lesion() -> None:
+    mask = np.zeros((1, 1, 7, 7), bool)
+    mask[0, 0, 3, 3] = True
+    core, border = adst_targets(mask)
+    np.testing.assert_array_equal(core[0, 0], mask[0, 0].astype(np.float32))
+    assert border[0, 0, 3, 3] == np.float32(THRESH_MAX)
+    # D = 0.84: the 4-neighbours (d = 1) are already at thresh_min.
+    assert border[0, 0, 2, 3] == np.float32(THRESH_MIN)
+
+
+@pytest.mark.parametrize("orientation", ["horizontal", "vertical", "diagonal"])
+def test_one_pixel_wide_line(orientation: str) -> None:
+    mask = np.zeros((1, 1, 12, 12), bool)
+    idx = np.arange(2, 10)
+    if orientation == "horizontal":
+        mask[0, 0, 5, idx] = True
+    elif orientation == "vertical":
+        mask[0, 0, idx, 5] = True
+    else:
+        mask[0, 0, idx, idx] = True
+    core, border = adst_targets(mask)
+    np.testing.assert_array_equal(core[0, 0], mask[0, 0].astype(np.float32))
+    assert (border[0, 0][mask[0, 0]] == np.float32(THRESH_MAX)).all()
+
+
+def test_tiny_two_by_two_lesion() -> None:
+    mask = _square(6, 2, 2, 2)
+    core, _ = adst_targets(mask)
+    np.testing.assert_array_equal(core, mask.astype(np.float32))
+
+
+def test_thick_lesion_shrinks() -> None:
+    mask = _square(64, 8, 8, 40)
+    core = core_map(mask)
+    assert 0 < core.sum() < 0.5 * mask.sum()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input forms
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _forms() -> dict[str, Callable[[np.ndarray], object]]:
+    return {
+        "numpy bool": lambda m: m,
+        "numpy uint8 01": lambda m: m.astype(np.uint8),
+        "numpy uint8 0/255": lambda m: m.astype(np.uint8) * 255,
+        "numpy float64": lambda m: m.astype(np.float64),
+        "numpy int64": lambda m: m.astype(np.int64),
+        "torch bool": lambda m: torch.from_numpy(m),
+        "torch uint8 01": lambda m: torch.from_numpy(m).to(torch.uint8),
+        "torch uint8 0/255": lambda m: torch.from_numpy(m).to(torch.uint8) * 255,
+        "torch float32": lambda m: torch.from_numpy(m).float(),
+        "torch int64": lambda m: torch.from_numpy(m).long(),
+        "torch non-contiguous": lambda m: torch.from_numpy(np.ascontiguousarray(m.transpose(0, 1, 3, 2))).mT,
+    }
+
+
+@pytest.mark.parametrize("form", list(_forms()))
+def test_input_forms(form: str) -> None:
+    mask = HAND_BUILT["two separate lesions"]()
+    x = _forms()[form](mask)
+    core, border = adst_targets(x)
+    ref_core, ref_border = adst_targets(mask)
+    bnd = boundary_map(x)
+    if isinstance(x, torch.Tensor):
+        assert isinstance(core, torch.Tensor) and isinstance(border, torch.Tensor) and isinstance(bnd, torch.Tensor)
+        assert core.dtype == border.dtype == torch.float32 and bnd.dtype == torch.bool
+        assert core.device == border.device == bnd.device == x.device
+        core, border, bnd = core.numpy(), border.numpy(), bnd.numpy()
+    else:
+        assert isinstance(core, np.ndarray) and isinstance(border, np.ndarray) and isinstance(bnd, np.ndarray)
+        assert core.dtype == border.dtype == np.float32 and bnd.dtype == np.bool_
+    assert core.shape == border.shape == bnd.shape == mask.shape
+    np.testing.assert_array_equal(core, ref_core)
+    np.testing.assert_array_equal(border, ref_border)
+    np.testing.assert_array_equal(bnd, boundary_map(mask))
+
+
+def test_outputs_are_gradient_free() -> None:
+    x = torch.from_numpy(HAND_BUILT["big square"]()).float().requires_grad_(True)
+    core, border = adst_targets(x)
+    assert not core.requires_grad and not border.requires_grad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_in_cuda_out() -> None:
+    mask = HAND_BUILT["two separate lesions"]()
+    x = torch.from_numpy(mask).cuda()
+    core, border = adst_targets(x)
+    bnd = boundary_map(x)
+    assert core.is_cuda and border.is_cuda and bnd.is_cuda
+    ref_core, ref_border = adst_targets(mask)
+    np.testing.assert_array_equal(core.cpu().numpy(), ref_core)
+    np.testing.assert_array_equal(border.cpu().numpy(), ref_border)
+    np.testing.assert_array_equal(bnd.cpu().numpy(), boundary_map(mask))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_works_in_forked_child_after_parent_used_threads() -> None:
+    """DataLoader workers are forked: the parent's thread pool must not be reused (it would deadlock)."""
+    mask = np.concatenate([HAND_BUILT["two separate lesions"]()] * 4)
+    expected = adst_targets(mask, num_threads=2)
+    pid = os.fork()
+    if pid == 0:  # child
+        ok = False
+        try:
+            core, border = adst_targets(mask, num_threads=2)
+            ok = np.array_equal(core, expected[0]) and np.array_equal(border, expected[1])
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("adst_targets hung in a forked child")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _one() -> np.ndarray:
+    return _square(8, 2, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("mask", "match"),
+    [
+        (np.where(_one(), np.nan, 0.0), "NaN"),
+        (_one().astype(np.int64) * 2, "binary mask"),
+        (_one().astype(np.float32) * 0.5, "binary mask"),
+        (torch.full((1, 1, 4, 4), 0.5), "binary mask"),
+        (np.zeros((1, 8, 8), bool), r"shape \(B, 1, H, W\)"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.bool), r"shape \(B, 1, H, W\)"),
+        (np.zeros((1, 1, 0, 8), bool), "non-empty H and W"),
+    ],
+)
+@pytest.mark.parametrize("fn", [adst_targets, core_map, border_map, boundary_map])
+def test_bad_masks(mask: object, match: str, fn: Callable[..., object]) -> None:
+    with pytest.raises(ValueError, match=match):
+        fn(mask)
+
+
+def test_bad_mask_type() -> None:
+    with pytest.raises(TypeError, match="mask"):
+        adst_targets([[0, 1]])
+
+
+@pytest.mark.parametrize("value", [0, 1, -0.1, 1.5, float("nan")])
+def test_bad_shrink_ratio(value: float) -> None:
+    for fn in (adst_targets, core_map, border_map):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: .*shrink_ratio={value}"):
+            fn(_one(), shrink_ratio=value)
+
+
+@pytest.mark.parametrize(
+    ("t_min", "t_max"), [(0.5, 0.5), (0.7, 0.3), (-0.1, 0.7), (0.3, 1.1), (float("nan"), 0.7), (0.3, float("nan"))]
+)
+def test_bad_thresholds(t_min: float, t_max: float) -> None:
+    for fn in (adst_targets, border_map):
+        with pytest.raises(ValueError, match=rf"thresh_min < thresh_max .*thresh_min={t_min}, thresh_max={t_max}"):
+            fn(_one(), thresh_min=t_min, thresh_max=t_max)
+
+
+def test_bad_types_and_threads() -> None:
+    with pytest.raises(TypeError, match="shrink_ratio"):
+        adst_targets(_one(), shrink_ratio="0.4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_threads"):
+        adst_targets(_one(), num_threads=0)
+    with pytest.raises(TypeError, match="num_threads"):
+        adst_targets(_one(), num_threads=2.0)  # type: ignore[arg-type]
