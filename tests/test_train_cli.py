@@ -1,0 +1,232 @@
+"""End-to-end tests of examples/train.py and examples/compare.py on tiny synthetic data (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import compare  # noqa: E402
+import lesion_metrics as lm  # noqa: E402
+import train  # noqa: E402
+
+BUSI = ROOT.parent / "shared" / "data" / "Dataset_BUSI_with_GT"
+# 16 images → 11 train (2 steps of 4) / 2 val / 3 test: an odd test split, so DDP pads it.
+TINY = [
+    "--encoder", "resnet18", "--img-size", "64", "--limit", "16", "--batch-size", "4", "--workers", "0",
+    "--no-progress", "--epochs", "1",
+]  # fmt: skip
+RUN_FILES = (
+    "metrics.json", "log.csv", "log.json", "curves.png", "overlays.png", "split.json", "config.json", "best.pt",
+    "last.pt", "exported/config.json", "exported/model.safetensors", "exported/README.md",
+)  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adst", [False, True], ids=["baseline", "adst"])
+def test_tiny_run_writes_every_output(tmp_path: Path, adst: bool) -> None:
+    out = tmp_path / "run"
+    result = train.main([*TINY, "--out", str(out), *([] if adst else ["--no-adst"])])
+
+    missing = [name for name in RUN_FILES if not (out / name).is_file()]
+    assert not missing, f"missing outputs: {missing}"
+    metrics = _read(out / "metrics.json")
+    assert metrics["variant"] == ("adst" if adst else "baseline")
+    assert metrics["test"] == result["test"]
+    split = _read(out / "split.json")
+    assert metrics["per_image"]["name"] == split["test"]
+    for m in lm.METRIC_NAMES:
+        assert math.isfinite(metrics["test"][m]["mean"]) and metrics["test"][m]["n"] == len(split["test"])
+        assert len(metrics["per_image"][m]) == len(split["test"])
+        assert all(math.isfinite(v) for v in metrics["per_image"][m])
+    log = _read(out / "log.json")
+    assert [row["epoch"] for row in log] == [1]
+    aux_terms = {"train_main", "train_edge", "train_fused"}
+    assert aux_terms <= set(log[0]) if adst else not aux_terms & set(log[0])
+    assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,")
+    assert _read(out / "config.json")["args"]["no_adst"] is (not adst)
+
+    # The exported folder reloads as the plain smp model: same class, same parameters, no head.
+    reloaded = smp.from_pretrained(str(out / "exported"))
+    plain = smp.create_model("unet", "resnet18", encoder_weights=None, in_channels=1, classes=1)
+    assert type(reloaded) is type(plain)
+    assert reloaded.state_dict().keys() == plain.state_dict().keys()
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert metrics["params"]["exported"] == sum(p.numel() for p in plain.parameters())
+    assert (metrics["params"]["train"] > metrics["params"]["exported"]) is adst
+
+    # ... and holds exactly the best checkpoint's weights.
+    best = _state(out / "best.pt")
+    prefix = "model." if adst else ""
+    for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, best[prefix + key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> None:
+    args = [*TINY, "--epochs", "2", "--aux-fade", "linear"]
+    full = train.main([*args, "--out", str(tmp_path / "full")])
+    part = tmp_path / "part"
+    stopped = train.main([*args, "--out", str(part), "--stop-after-epoch", "1"])
+    assert stopped["stopped_after_epoch"] == 1
+    assert (part / "last.pt").is_file() and not (part / "metrics.json").exists()
+    resumed = train.main([*args, "--out", str(part), "--resume"])
+
+    full_state, resumed_state = _state(tmp_path / "full" / "last.pt"), _state(part / "last.pt")
+    assert full_state.keys() == resumed_state.keys()
+    for key in full_state:
+        torch.testing.assert_close(resumed_state[key], full_state[key], rtol=0, atol=1e-6, msg=key)
+    for metric, stats in full["test"].items():
+        assert resumed["test"][metric] == pytest.approx(stats, rel=0, abs=1e-9), metric
+    for key, values in full["per_image"].items():
+        assert resumed["per_image"][key] == (values if key in ("name", "tag") else pytest.approx(values, abs=1e-9))
+    assert resumed["best_epoch"] == full["best_epoch"]
+
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+
+    for got, want in zip(strip(_read(part / "log.json")), strip(_read(tmp_path / "full" / "log.json")), strict=True):
+        assert got == pytest.approx(want, rel=0, abs=1e-6)
+    assert [row["epoch"] for row in _read(part / "log.json")] == [1, 2]
+
+    # The run's flags come from its config.json; a conflicting one is refused.
+    with pytest.raises(SystemExit):
+        train.main([*args, "--out", str(part), "--resume", "--lr", "0.1"])
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(EXAMPLES / "train.py"), *TINY, "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    # Only rank 0 prints and writes: one epoch line, one test line, one set of files, no stray temporaries.
+    assert log.count("epoch 1/1 ") == 1 and log.count("test (3 images)") == 1, log[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert not list(out.rglob("*.tmp"))
+    missing = [name for name in RUN_FILES if not (out / name).is_file()]
+    assert not missing, f"missing outputs: {missing}"
+    metrics = _read(out / "metrics.json")
+    assert metrics["world_size"] == 2
+    # Every test image exactly once, although DistributedSampler pads 3 images to 2 x 2.
+    split = _read(out / "split.json")
+    assert metrics["per_image"]["name"] == split["test"]
+    assert metrics["test"]["dice"]["n"] == len(split["test"]) == 3
+    assert metrics["best_val"]["dice"]["n"] == len(split["val"])
+    assert _read(out / "config.json")["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_compare_two_seeds_writes_table_and_is_resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "cmp"
+    argv = ["--dataset", "synthetic", "--seeds", "2", "--out", str(out), *TINY, "--max-steps", "1"]
+    report = compare.main(argv)
+    for variant in ("baseline", "adst"):
+        for seed in (0, 1):
+            assert (out / f"{variant}-seed{seed}" / "metrics.json").is_file()
+    assert not (out / "baseline-seed0" / "split.json").exists()  # the shared split is used
+    markdown = (out / "comparison.md").read_text(encoding="utf-8")
+    assert "| baseline |" in markdown and "| ADST |" in markdown
+    assert "Paired test Dice difference" in markdown and "**mean ± std**" in markdown
+    paired = _read(out / "comparison.json")["paired_dice"]
+    assert sorted(paired["per_seed"]) == ["0", "1"]
+    diffs = [row["adst"] - row["baseline"] for row in paired["per_seed"].values()]
+    assert paired["mean"] == pytest.approx(sum(diffs) / 2)
+    assert report["summary"]["adst"]["dice"]["n"] == 2
+
+    # Finished runs are reused: a second call trains nothing.
+    def no_training(argv: list[str]) -> dict:
+        raise AssertionError(f"retrained {argv}")
+
+    monkeypatch.setattr(compare.train, "main", no_training)
+    again = compare.main(argv)
+    assert again["paired_dice"]["mean"] == pytest.approx(paired["mean"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUSI.is_dir(), reason="BUSI not available at ../shared/data")
+def test_busi_reports_with_and_without_normal(tmp_path: Path) -> None:
+    args = ["--dataset", "busi", "--root", str(BUSI), *TINY, "--limit", "40", "--max-steps", "1", "--no-adst"]
+    result = train.main([*args, "--out", str(tmp_path / "busi")])
+    tags = result["per_image"]["tag"]
+    assert result["test"]["dice"]["n"] == len(tags)
+    assert result["test_without_normal"]["dice"]["n"] == sum(tag != "normal" for tag in tags)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "folder"], "--dataset folder needs --images DIR and --masks DIR"),
+        (["--dataset", "folder", "--images", "x"], "--dataset folder needs --images DIR and --masks DIR"),
+        (["--dataset", "busi"], "--dataset busi needs --root DIR"),
+        (["--root", "data/Dataset_BUSI_with_GT"], "--root is not used by --dataset synthetic"),
+        (["--exclude-normal"], "--exclude-normal only applies to --dataset busi"),
+        (["--arch", "UNetX"], "unknown architecture 'UNetX'; valid: Unet, UnetPlusPlus, MAnet"),
+        (["--encoder", "resnet7"], "unknown encoder 'resnet7'; valid: resnet18"),
+        (["--img-size", "100"], "--img-size: expected a multiple of 32"),
+        (["--epochs", "0"], "expected an integer >= 1"),
+        (["--lr", "-1"], "--lr: expected a number >= 0"),
+        (["--tap", "encoder"], "invalid choice: 'encoder'"),
+        (["--include-normal", "--exclude-normal"], "not allowed with argument"),
+    ],
+)
+def test_bad_arguments_exit_with_a_clear_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        train.parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_without_a_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(tmp_path / "nothing"), "--resume"])
+    assert "no run to resume" in capsys.readouterr().err
+
+
+def test_compare_refuses_flags_it_owns(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        compare.main(["--seeds", "1", "--seed", "3"])
+    assert "set by compare.py itself" in capsys.readouterr().err
+
+
+def test_missing_dataset_folder_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(train.UsageError, match="BUSI dataset"):
+        train.main(["--dataset", "busi", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
+    # From the command line: a one-line error, no traceback.
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train.py"), "--dataset", "busi", "--root", str(tmp_path / "nope"),
+         "--out", str(tmp_path / "run")],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: BUSI dataset")
+    assert "Traceback" not in proc.stderr
