@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds (overrides --seeds)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the shared split")
     p.add_argument("--out", help="comparison folder [runs/compare-<dataset>]")
+    p.add_argument("--adst-flags", default="", help="extra train.py flags for the ADST runs only, e.g. '--tap logits'")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="ablation name: ADST runs go to OUT/adst-<tag>-seed<S> and the report to comparison-<tag>.md; "
+        "the baseline runs in OUT are shared by every tag",
+    )
     return p
 
 
@@ -118,6 +126,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Baseline vs ADST on {report['dataset']}",
         "",
+        *([f"ADST runs with extra flags: `{' '.join(report['adst_flags'])}`", ""] if report.get("adst_flags") else []),
         f"{cfg['arch']}/{cfg['encoder']}, {cfg['img_size']} px, {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
         f"lr {cfg['lr']}; seeds {', '.join(map(str, report['seeds']))}; shared split `{report['split_file']}` "
         f"(test: {report['test_images']} images). Each cell: mean ± sample std over seeds of the run's mean "
@@ -166,12 +175,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     common = [*passthrough, "--dataset", args.dataset, "--split-seed", str(args.split_seed)]
     if not any(flag.split("=")[0] == "--split-file" for flag in passthrough):
         common += ["--split-file", str(split_file)]
-    train.parse_args([*common, "--out", str(out / "check")])  # fail on bad flags before hours of training
+    adst_flags = shlex.split(args.adst_flags)
+    variants = {**VARIANTS, "adst": [*VARIANTS["adst"], *adst_flags]}
+    prefix = {"baseline": "baseline", "adst": f"adst-{args.tag}" if args.tag else "adst"}
+    for flags in variants.values():  # fail on bad flags before hours of training
+        train.parse_args([*common, *flags, "--out", str(out / "check")])
 
-    runs: dict[str, dict[int, dict[str, Any]]] = {variant: {} for variant in VARIANTS}
+    runs: dict[str, dict[int, dict[str, Any]]] = {variant: {} for variant in variants}
     for seed in seeds:
-        for variant, flags in VARIANTS.items():
-            run_dir = out / f"{variant}-seed{seed}"
+        for variant, flags in variants.items():
+            run_dir = out / f"{prefix[variant]}-seed{seed}"
             metrics = run_dir / "metrics.json"
             if metrics.is_file():
                 runs[variant][seed] = json.loads(metrics.read_text(encoding="utf-8"))
@@ -189,17 +202,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "test_images": first["test"]["dice"]["n"],
         "config": {k: first["config"][k] for k in ("arch", "encoder", "img_size", "epochs", "batch_size", "lr")},
         "train_args": common,
+        "adst_flags": adst_flags,
         "summary": aggregate(runs),
         "paired_dice": _paired(runs),
     }
     if "test_without_normal" in first:
         report["summary_without_normal"] = aggregate(runs, "test_without_normal")
         report["paired_dice_without_normal"] = _paired(runs, "test_without_normal")
-    report["runs"] = {v: {str(s): str(out / f"{v}-seed{s}") for s in by_seed} for v, by_seed in runs.items()}
+    report["runs"] = {v: {str(s): str(out / f"{prefix[v]}-seed{s}") for s in by_seed} for v, by_seed in runs.items()}
     markdown = format_markdown(report)
     if int(os.environ.get("RANK", "0")) == 0:
-        (out / "comparison.md").write_text(markdown, encoding="utf-8")
-        tu.write_json(out / "comparison.json", report)
+        name = f"comparison-{args.tag}" if args.tag else "comparison"
+        (out / f"{name}.md").write_text(markdown, encoding="utf-8")
+        tu.write_json(out / f"{name}.json", report)
         print(markdown, flush=True)
     return report
 

@@ -44,7 +44,7 @@ import lesion_data as ld
 import lesion_metrics as lm
 import train_utils as tu
 
-from adst_plugin import ADSTLoss, wrap_with_adst
+from adst_plugin import ADSTLoss, DiceBCELoss, wrap_with_adst
 from adst_plugin import constants as C
 from adst_plugin.head import FUSIONS
 from adst_plugin.wrapper import TAPS
@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux-fade", choices=("none", "cosine", "linear"), default="none",
                    help="fade the auxiliary terms from 1 (first epoch) to 0 (last epoch)")  # fmt: skip
     g.add_argument("--no-feature-grad", action="store_true", help="head losses do not reach the tapped features")
+    g.add_argument("--w-main", type=float, default=C.W_MAIN, help="weight of the main (core map) term")
+    g.add_argument("--w-edge", type=float, default=C.W_EDGE, help="weight of the edge (border map) term")
+    g.add_argument("--w-fused", type=float, default=C.W_FUSED, help="weight of the fused term")
+    g.add_argument(
+        "--base-loss",
+        choices=("dicebce", "bce"),
+        default="dicebce",
+        help="loss on the mask (and fused) logits, for baseline and ADST alike",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive, help="epochs [synthetic 8, else 100]")
@@ -228,7 +237,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.amp == "fp16" and not on_cuda:
         parser.error("--amp fp16 needs CUDA; on CPU use --amp bf16 or --amp off")
-    for name in ("lr", "weight_decay", "aux_weight", "min_lr_ratio"):
+    for name in ("lr", "weight_decay", "aux_weight", "min_lr_ratio", "w_main", "w_edge", "w_fused"):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name.replace('_', '-')}: expected a number >= 0, got {getattr(args, name)}")
     return args
@@ -313,7 +322,8 @@ def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
 def build_criterion(args: argparse.Namespace) -> ADSTLoss:
     """ADSTLoss; on the baseline's plain logits it is the same Dice + BCE mask loss alone."""
     w = args.aux_weight
-    return ADSTLoss(w_main=w * C.W_MAIN, w_edge=w * C.W_EDGE, w_fused=w * C.W_FUSED)
+    base = DiceBCELoss() if args.base_loss == "dicebce" else nn.BCEWithLogitsLoss()
+    return ADSTLoss(base, w_main=w * args.w_main, w_edge=w * args.w_edge, w_fused=w * args.w_fused)
 
 
 def make_loader(
