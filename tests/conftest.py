@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import segmentation_models_pytorch as smp
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES_DIR = ROOT / "examples"
+#: ../shared/data beside the checkout (absent on a user's machine: tests that need it skip).
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# The example scripts are plain modules (lesion_data, lesion_metrics, train, compare), not a package.
+if str(EXAMPLES_DIR) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES_DIR))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -42,3 +55,12 @@ def unet() -> torch.nn.Module:
 def _few_threads() -> None:
     # Two cores: intra-op threads beyond that only add contention between test workers.
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """Run small-tensor tests single-threaded (as DataLoader workers do); restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

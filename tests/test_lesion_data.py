@@ -5,26 +5,20 @@ from __future__ import annotations
 import io
 import json
 import random
-import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
+import lesion_data as ld
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 from scipy import ndimage
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES_DIR))
-
-import lesion_data as ld  # noqa: E402
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,15 +138,6 @@ def _check_item(image: torch.Tensor, mask: torch.Tensor, channels: int, size: in
     img, msk = image.numpy(), mask.numpy()
     assert img.min() >= 0.0 and img.max() <= 1.0
     assert set(np.unique(msk).tolist()) <= {0.0, 1.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread() -> Iterator[None]:
-    """Run these small-tensor tests single-threaded (as DataLoader workers do); restore afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------------------------------------

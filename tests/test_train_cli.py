@@ -9,19 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import compare
+import lesion_metrics as lm
 import pytest
 import segmentation_models_pytorch as smp
 import torch
+import train
+from conftest import EXAMPLES_DIR as EXAMPLES
+from conftest import ROOT, SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import compare  # noqa: E402
-import lesion_metrics as lm  # noqa: E402
-import train  # noqa: E402
-
-BUSI = ROOT.parent / "shared" / "data" / "Dataset_BUSI_with_GT"
+BUSI = SHARED_DATA / "Dataset_BUSI_with_GT"
 # 16 images → 11 train (2 steps of 4) / 2 val / 3 test: an odd test split, so DDP pads it.
 TINY = [
     "--encoder", "resnet18", "--img-size", "64", "--limit", "16", "--batch-size", "4", "--workers", "0",

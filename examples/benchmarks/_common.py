@@ -11,20 +11,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-ARCHS = [
-    "Unet",
-    "UnetPlusPlus",
-    "FPN",
-    "PSPNet",
-    "DeepLabV3",
-    "DeepLabV3Plus",
-    "Linknet",
-    "MAnet",
-    "PAN",
-    "UPerNet",
-    "Segformer",
-    "DPT",
-]
+#: The 12 smp architectures, by class name.
+ARCHS = [cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()]
 
 
 def build_model(arch: str, encoder: str, in_channels: int = 3, seed: int = 0) -> nn.Module:
