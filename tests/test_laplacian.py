@@ -1,9 +1,18 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adst_plugin.laplacian import LaplacianEdge, binomial_kernel2d, edge_map, laplacian_pyramid, pyr_down, pyr_up
+from adst_plugin.laplacian import (
+    LaplacianEdge,
+    binomial_kernel1d,
+    binomial_kernel2d,
+    edge_map,
+    laplacian_pyramid,
+    pyr_down,
+    pyr_up,
+)
 
 
 def test_kernel_values():
@@ -12,6 +21,21 @@ def test_kernel_values():
     assert k.shape == (5, 5)
     assert torch.equal(k * 256, torch.outer(row, row))
     assert k.sum().item() == pytest.approx(1.0)
+    taps = binomial_kernel1d(dtype=torch.float64)
+    assert torch.equal(torch.outer(taps, taps), k)
+
+
+def test_blur_matches_a_plain_5x5_convolution():
+    # Independent check of the shifted-add blur and of expand's zero-insertion against conv2d with the 2-D kernel.
+    x = torch.rand(2, 3, 21, 18, dtype=torch.float64)
+    k = binomial_kernel2d(dtype=torch.float64).expand(3, 1, 5, 5)
+    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, groups=3)
+    assert torch.allclose(pyr_down(x), blurred[..., ::2, ::2], atol=1e-12)
+    low = pyr_down(x)
+    up = torch.zeros(2, 3, 2 * low.shape[-2], 2 * low.shape[-1], dtype=torch.float64)
+    up[..., ::2, ::2] = low
+    expanded = F.conv2d(F.pad(up, (2, 2, 2, 2), mode="reflect"), 4 * k, groups=3)[..., :21, :18]
+    assert torch.allclose(pyr_up(low, (21, 18)), expanded, atol=1e-12)
 
 
 @pytest.mark.parametrize("size", [(250, 250), (255, 255), (257, 257), (33, 40), (1, 1), (2, 3), (3, 7)])
@@ -75,7 +99,7 @@ def test_module_matches_function_and_has_no_state(device):
     x = torch.rand(2, 1, 31, 20, device=device)
     assert torch.equal(module(x), edge_map(x))
     assert list(module.parameters()) == [] and module.state_dict() == {}
-    assert module.kernel.device.type == device.type
+    assert module.taps.device.type == device.type
 
 
 def test_module_follows_input_dtype():
