@@ -508,7 +508,8 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, title: str = "
 
 @dataclass
 class OverlayRow:
-    """One test image of ``overlays.png``: arrays of shape (H, W); ``maps`` holds ADST maps (probabilities)."""
+    """One test image of ``overlays.png``: image (H, W) gray or (H, W, 3) RGB, other arrays (H, W); ``maps`` holds
+    ADST maps (probabilities)."""
 
     name: str
     image: np.ndarray
@@ -526,12 +527,13 @@ def plot_overlays(rows: Sequence[OverlayRow], path: Path, title: str = "") -> No
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.3 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         ax = axes[r]
-        ax[0].imshow(row.image, cmap="gray", vmin=0, vmax=1)
+        ax[0].imshow(row.image, cmap="gray" if row.image.ndim == 2 else None, vmin=0, vmax=1)
         ax[0].set_title(row.name, fontsize=7)
         ax[1].imshow(row.target, cmap="gray", vmin=0, vmax=1)
         ax[1].set_title("ground truth", fontsize=7)
         pred = row.prob >= 0.5
-        overlay = np.stack([row.image] * 3, axis=-1).astype(np.float32)
+        rgb = row.image if row.image.ndim == 3 else np.stack([row.image] * 3, axis=-1)  # RGB (H, W, 3) or gray (H, W)
+        overlay = rgb.astype(np.float32).copy()
         overlay[pred] = 0.5 * overlay[pred] + 0.5 * np.array([1.0, 0.0, 0.0], dtype=np.float32)
         ax[2].imshow(overlay)
         if row.target.any():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import compare
 import lesion_metrics as lm
+import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -227,3 +228,17 @@ def test_missing_dataset_folder_is_a_usage_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: BUSI dataset")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_overlays_plot_gray_and_rgb_images(tmp_path, channels):
+    import train_utils as tu
+
+    rng = np.random.default_rng(0)
+    image = rng.random((32, 32)) if channels == 1 else rng.random((32, 32, 3))
+    target = np.zeros((32, 32))
+    target[8:20, 10:24] = 1
+    maps = {"main": rng.random((32, 32)), "edge": rng.random((32, 32)), "fused": rng.random((32, 32))}
+    row = tu.OverlayRow("img", image, target, rng.random((32, 32)), 0.5, maps)
+    tu.plot_overlays([row, row], tmp_path / "overlays.png", "title")
+    assert (tmp_path / "overlays.png").stat().st_size > 0
