@@ -100,15 +100,7 @@ def test_state_dict_round_trip_resumes_training(unet):
 
 
 def test_aux_params_labels_pass_through():
-    base = smp.Unet(
-        "resnet18",
-        encoder_weights=None,
-        encoder_depth=3,
-        decoder_channels=(32, 16, 16),
-        classes=1,
-        aux_params={"classes": 3},
-    )
-    model = wrap_with_adst(base)
+    model = wrap_with_adst(tiny_unet(aux_params={"classes": 3}))
     out = model(torch.rand(2, 3, 64, 64))
     assert out.labels.shape == (2, 3)
     model.eval()
