@@ -32,10 +32,10 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param
 
 
-def tiny_unet(in_channels: int = 3, **kwargs) -> torch.nn.Module:
-    """A small smp Unet (resnet18, depth 3) that runs a step in well under a second on CPU."""
+def tiny_unet(in_channels: int = 3, encoder_name: str = "resnet18", **kwargs) -> torch.nn.Module:
+    """A small smp Unet (resnet18 by default, depth 3) that runs a step in well under a second on CPU."""
     return smp.Unet(
-        "resnet18",
+        encoder_name,
         encoder_weights=None,
         encoder_depth=3,
         decoder_channels=(32, 16, 16),

@@ -110,15 +110,7 @@ def test_aux_params_labels_pass_through():
 
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_in_channels_and_timm_encoder(in_channels):
-    base = smp.Unet(
-        "tu-resnet10t",
-        encoder_weights=None,
-        encoder_depth=3,
-        decoder_channels=(32, 16, 16),
-        in_channels=in_channels,
-        classes=1,
-    )
-    out = wrap_with_adst(base)(torch.rand(2, in_channels, 64, 64))
+    out = wrap_with_adst(tiny_unet(in_channels, encoder_name="tu-resnet10t"))(torch.rand(2, in_channels, 64, 64))
     assert out.fused.shape == (2, 1, 64, 64)
 
 
