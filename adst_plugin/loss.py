@@ -1,7 +1,9 @@
 """``ADSTLoss``: the mask loss plus the auxiliary terms of the ADST head.
 
 ``total = w_mask * base(masks, y)
-        + aux_scale * (w_main * BCE(main, core(y)) + w_edge * BCE(edge, border(y)) + w_fused * base(fused, y))``
+        + aux_scale * (w_main * BCE(main, core(y)) + w_edge * BCE(edge, border(y)) + w_fused * fused_loss(fused, y))``
+
+``fused_loss`` is ``base`` unless given.
 
 ``core`` and ``border`` are built on the fly from ``y`` (on its device) by :mod:`adst_plugin.targets`,
 or passed in precomputed (e.g. from DataLoader workers). ``aux_scale`` (1 by default) lets a training
@@ -49,6 +51,7 @@ class ADSTLoss(nn.Module):
     Args:
         base_loss: any ``(logits, target) -> scalar`` callable for the mask and fused logits
             (default :class:`DiceBCELoss`, e.g. ``smp.losses.DiceLoss("binary")`` works too).
+        fused_loss: a different callable for the fused logits only (default: ``base_loss``).
         w_mask, w_main, w_edge, w_fused: term weights.
         shrink_ratio, thresh_min, thresh_max: target parameters (see :mod:`adst_plugin.targets`).
         aux_scale: multiplier of the three auxiliary terms; a training loop may change it per epoch.
@@ -65,6 +68,7 @@ class ADSTLoss(nn.Module):
         self,
         base_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
         *,
+        fused_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
         w_mask: float = C.W_MASK,
         w_main: float = C.W_MAIN,
         w_edge: float = C.W_EDGE,
@@ -79,9 +83,11 @@ class ADSTLoss(nn.Module):
         for name, value in weights.items():
             if not value >= 0:
                 raise ValueError(f"ADSTLoss: expected {name} >= 0, got {value}")
-        if base_loss is not None and not callable(base_loss):
-            raise TypeError(f"ADSTLoss: expected base_loss to be callable, got {type(base_loss).__name__}")
+        for name, fn in (("base_loss", base_loss), ("fused_loss", fused_loss)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"ADSTLoss: expected {name} to be callable, got {type(fn).__name__}")
         self.base_loss = base_loss if base_loss is not None else DiceBCELoss()
+        self.fused_loss = fused_loss if fused_loss is not None else self.base_loss
         self.w_mask, self.w_main, self.w_edge, self.w_fused = w_mask, w_main, w_edge, w_fused
         self.aux_scale = aux_scale
         self.target_kwargs = {"shrink_ratio": shrink_ratio, "thresh_min": thresh_min, "thresh_max": thresh_max}
@@ -126,7 +132,7 @@ class ADSTLoss(nn.Module):
                 check_mask_matches(value, logits, f"ADSTLoss ({name})")
         main_term = F.binary_cross_entropy_with_logits(outputs.main.float(), core.to(logits.device).float())
         edge_term = F.binary_cross_entropy_with_logits(outputs.edge.float(), border.to(logits.device).float())
-        fused_term = self.base_loss(outputs.fused, target.to(outputs.fused.dtype))
+        fused_term = self.fused_loss(outputs.fused, target.to(outputs.fused.dtype))
         aux = self.w_main * main_term + self.w_edge * edge_term + self.w_fused * fused_term
         total = self.w_mask * mask_term + self.aux_scale * aux
         self.last_terms = {

@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="dicebce",
         help="loss on the mask (and fused) logits, for baseline and ADST alike",
     )
+    g.add_argument(
+        "--fused-loss",
+        choices=("base", "dicebce", "bce"),
+        default="base",
+        help="loss on the fused logits only (ADST); base = same as --base-loss",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive, help="epochs [synthetic 8, else 100]")
@@ -322,8 +328,10 @@ def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
 def build_criterion(args: argparse.Namespace) -> ADSTLoss:
     """ADSTLoss; on the baseline's plain logits it is the same Dice + BCE mask loss alone."""
     w = args.aux_weight
-    base = DiceBCELoss() if args.base_loss == "dicebce" else nn.BCEWithLogitsLoss()
-    return ADSTLoss(base, w_main=w * args.w_main, w_edge=w * args.w_edge, w_fused=w * args.w_fused)
+    losses = {"dicebce": DiceBCELoss, "bce": nn.BCEWithLogitsLoss}
+    base = losses[args.base_loss]()
+    fused = None if args.fused_loss == "base" else losses[args.fused_loss]()
+    return ADSTLoss(base, fused_loss=fused, w_main=w * args.w_main, w_edge=w * args.w_edge, w_fused=w * args.w_fused)
 
 
 def make_loader(

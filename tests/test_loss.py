@@ -59,6 +59,14 @@ def test_custom_base_loss_and_aux_scale():
     assert criterion(out, y) > dice(out.masks, y)
 
 
+def test_fused_loss_replaces_the_base_loss_on_the_fused_term_only():
+    out, y = outputs(), mask()
+    criterion = ADSTLoss(fused_loss=torch.nn.BCEWithLogitsLoss())
+    criterion(out, y)
+    assert torch.allclose(criterion.last_terms["fused"], F.binary_cross_entropy_with_logits(out.fused, y))
+    assert torch.allclose(criterion.last_terms["mask"], DiceBCELoss()(out.masks, y))  # the mask keeps Dice + BCE
+
+
 def test_precomputed_targets_equal_on_the_fly():
     out, y = outputs(), mask()
     criterion = ADSTLoss()
@@ -90,3 +98,5 @@ def test_bad_inputs_name_the_problem():
         ADSTLoss(w_edge=-1)
     with pytest.raises(TypeError, match="callable"):
         ADSTLoss(base_loss="dice")
+    with pytest.raises(TypeError, match="fused_loss to be callable"):
+        ADSTLoss(fused_loss="bce")

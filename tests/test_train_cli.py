@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ablations
 import compare
 import lesion_metrics as lm
 import numpy as np
@@ -158,6 +159,26 @@ def test_compare_two_seeds_writes_table_and_is_resumable(tmp_path: Path, monkeyp
     diffs = [row["adst"] - row["baseline"] for row in paired["per_seed"].values()]
     assert paired["mean"] == pytest.approx(sum(diffs) / 2)
     assert report["summary"]["adst"]["dice"]["n"] == 2
+    # Settings are chosen on the validation difference, recomputed here from each run's own metrics.json.
+    val = report["paired_val_dice"]
+    for seed in (0, 1):
+        best = {v: _read(out / f"{v}-seed{seed}" / "metrics.json")["best_val"] for v in ("baseline", "adst")}
+        assert val["per_seed"][seed]["diff"] == pytest.approx(
+            best["adst"]["dice"]["mean"] - best["baseline"]["dice"]["mean"]
+        )
+    assert "Paired validation Dice difference" in markdown
+
+    # A tagged ablation shares the baselines; ablations.py tabulates it next to the defaults.
+    tagged = compare.main([*argv, "--tag", "w0", "--adst-flags", "--aux-weight 0"])
+    assert (out / "adst-w0-seed1" / "metrics.json").is_file() and (out / "comparison-w0.md").is_file()
+    assert _read(out / "adst-w0-seed0" / "config.json")["args"]["aux_weight"] == 0
+    rows = {row["tag"]: row for row in ablations.main([str(out)])}
+    assert set(rows) == {"default", "w0"}
+    assert rows["w0"]["flags"] == "--aux-weight 0"
+    assert rows["w0"]["val"]["mean"] == pytest.approx(tagged["paired_val_dice"]["mean"])
+    assert rows["default"]["test"]["mean"] == pytest.approx(paired["mean"])
+    with pytest.raises(FileNotFoundError, match="no comparison"):
+        ablations.collect(tmp_path)
 
     # Finished runs are reused: a second call trains nothing.
     def no_training(argv: list[str]) -> dict:
@@ -242,3 +263,19 @@ def test_overlays_plot_gray_and_rgb_images(tmp_path, channels):
     row = tu.OverlayRow("img", image, target, rng.random((32, 32)), 0.5, maps)
     tu.plot_overlays([row, row], tmp_path / "overlays.png", "title")
     assert (tmp_path / "overlays.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "mask_loss", "fused_loss"),
+    [
+        ([], "DiceBCELoss", "DiceBCELoss"),
+        (["--fused-loss", "bce"], "DiceBCELoss", "BCEWithLogitsLoss"),
+        (["--base-loss", "bce"], "BCEWithLogitsLoss", "BCEWithLogitsLoss"),
+        (["--base-loss", "bce", "--fused-loss", "dicebce"], "BCEWithLogitsLoss", "DiceBCELoss"),
+    ],
+)
+def test_loss_flags_pick_the_mask_and_fused_losses(flags: list[str], mask_loss: str, fused_loss: str) -> None:
+    criterion = train.build_criterion(train.parse_args(["--aux-weight", "0.5", *flags]))
+    assert type(criterion.base_loss).__name__ == mask_loss
+    assert type(criterion.fused_loss).__name__ == fused_loss
+    assert (criterion.w_main, criterion.w_edge, criterion.w_fused) == (0.5, 0.5, 0.5)
