@@ -24,6 +24,30 @@ from _common import ARCHS, build_model, count_params, interleaved_medians, machi
 from adst_plugin import ADSTLoss, wrap_with_adst
 
 
+def onnx_check(model: torch.nn.Module, x: torch.Tensor) -> str:
+    """Export to ONNX and check the graph; with onnxruntime also compare its output with torch's."""
+    try:
+        import onnx
+    except ImportError:
+        return "skipped (pip install .[bench])"
+    buffer = io.BytesIO()
+    model, x = model.cpu().eval(), x.cpu()
+    try:
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["images"], output_names=["masks"])
+        onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
+    except Exception as error:  # report, don't hide: the table shows the failure
+        return f"failed: {type(error).__name__}: {str(error)[:80]}"
+    try:
+        import onnxruntime
+    except ImportError:
+        return "ok (checker; no onnxruntime to compare outputs)"
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (ort_out,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        diff = (torch.from_numpy(ort_out) - model(x)).abs().max().item()
+    return f"ok (onnxruntime max abs diff {diff:.1e})"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="Unet", choices=ARCHS)
@@ -76,15 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             scripted = "ok"
         except Exception as error:  # report, don't hide: the table shows the failure
             scripted = f"failed: {type(error).__name__}"
-    try:
-        import onnx  # noqa: F401
-
-        torch.onnx.export(exported.cpu(), (x[:1].cpu(),), io.BytesIO(), dynamo=False)
-        onnx_status = "ok"
-    except ImportError:
-        onnx_status = "skipped (pip install onnx)"
-    except Exception as error:
-        onnx_status = f"failed: {type(error).__name__}"
+    onnx_status = onnx_check(exported, x[:1])
 
     result = {
         "params_fresh": count_params(fresh),
