@@ -162,10 +162,21 @@ def _paired_table(paired: dict[str, Any], title: str) -> list[str]:
     return lines
 
 
+def _glue_adst_flags(argv: list[str]) -> list[str]:
+    """``--adst-flags --no-feature-grad`` → ``--adst-flags=--no-feature-grad``: argparse would read the value as
+    an option of its own ("expected one argument") whenever it starts with a dash and has no space."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--adst-flags" and out[i + 1].startswith("-"):
+            out[i : i + 2] = [f"--adst-flags={out[i + 1]}"]
+            break
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or reuse) every baseline/ADST run, write comparison.md/.json, return the report."""
     parser = build_parser()
-    args, passthrough = parser.parse_known_args(argv)
+    args, passthrough = parser.parse_known_args(_glue_adst_flags(sys.argv[1:] if argv is None else list(argv)))
     owned = [flag for flag in passthrough if flag.split("=")[0] in OWNED_FLAGS]
     if owned:
         parser.error(f"{', '.join(owned)}: set by compare.py itself; use --seeds/--seed-list/--out/--split-seed")

@@ -231,6 +231,14 @@ def test_resume_without_a_run_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     assert "no run to resume" in capsys.readouterr().err
 
 
+def test_compare_takes_a_single_dash_flag_as_adst_flags() -> None:
+    argv = ["--dataset", "synthetic", "--adst-flags", "--no-feature-grad", "--epochs", "1"]
+    args, rest = compare.build_parser().parse_known_args(compare._glue_adst_flags(argv))
+    assert args.adst_flags == "--no-feature-grad" and rest == ["--epochs", "1"]
+    with pytest.raises(SystemExit):  # what argparse alone does with it
+        compare.build_parser().parse_known_args(argv)
+
+
 def test_compare_refuses_flags_it_owns(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         compare.main(["--seeds", "1", "--seed", "3"])
