@@ -335,9 +335,18 @@ def build_criterion(args: argparse.Namespace) -> ADSTLoss:
 
 
 def make_loader(
-    subset: ld.TransformedSubset, args: argparse.Namespace, ctx: tu.DistContext, *, train: bool, generator: Any
+    subset: ld.TransformedSubset,
+    args: argparse.Namespace,
+    ctx: tu.DistContext,
+    *,
+    train: bool,
+    generator: Any,
+    target_kwargs: dict[str, float] | None = None,
 ) -> DataLoader:
-    """Loader of ``(index, image, mask)``; DistributedSampler under DDP (padded, so evaluation drops duplicates)."""
+    """Loader of ``(index, image, mask)``; DistributedSampler under DDP (padded, so evaluation drops duplicates).
+
+    With ``target_kwargs`` each batch also carries its ADST ``(core, border)`` targets, built in the workers.
+    """
     dataset = tu.IndexedDataset(subset)
     sampler: Any
     if ctx.distributed:
@@ -355,6 +364,7 @@ def make_loader(
         drop_last=train and len(sampler) >= args.batch_size,  # no 1-image BatchNorm batches
         worker_init_fn=tu.worker_init_fn,
         generator=generator,  # also seeds the workers: augmentation does not depend on the global RNG
+        collate_fn=None if target_kwargs is None else tu.TargetCollate(**target_kwargs),
     )
 
 
@@ -440,7 +450,11 @@ def setup(args: argparse.Namespace, ctx: tu.DistContext) -> Session:
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     train_gen = torch.Generator()
-    loaders = {"train": make_loader(data.train, args, ctx, train=True, generator=train_gen)}
+    criterion = build_criterion(args)
+    target_kwargs = None if args.no_adst else criterion.target_kwargs  # ADST targets come from the workers
+    loaders = {
+        "train": make_loader(data.train, args, ctx, train=True, generator=train_gen, target_kwargs=target_kwargs)
+    }
     for key in ("val", "test"):  # own fixed generator: evaluation never draws from the global RNG
         loaders[key] = make_loader(getattr(data, key), args, ctx, train=False, generator=torch.Generator())
     steps = min(len(loaders["train"]), args.max_steps or len(loaders["train"]))
@@ -448,7 +462,7 @@ def setup(args: argparse.Namespace, ctx: tu.DistContext) -> Session:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: tu.cosine_factor(s, total, args.min_lr_ratio))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype is torch.float16)
     return Session(
-        args, ctx, run_dir, data, raw, raw, build_criterion(args), optimizer, scheduler, scaler, amp_dtype,
+        args, ctx, run_dir, data, raw, raw, criterion, optimizer, scheduler, scaler, amp_dtype,
         train_gen, loaders, steps,
     )  # fmt: skip
 

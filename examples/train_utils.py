@@ -21,16 +21,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from adst_plugin import ADSTLoss, ADSTOutput
+from adst_plugin.targets import adst_targets
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "DistContext",
     "IndexedDataset",
     "OverlayRow",
+    "TargetCollate",
     "autocast",
     "batch_dice",
     "cosine_factor",
@@ -271,6 +273,27 @@ class IndexedDataset(Dataset[tuple[int, Tensor, Tensor]]):
         return index, image, mask
 
 
+class TargetCollate:
+    """Collate ``(index, image, mask)`` samples and add the ADST targets of the batch's (augmented) masks.
+
+    Used as the training DataLoader's ``collate_fn``, so the targets are built in the worker processes, in
+    parallel with the training step, instead of on its critical path (on CUDA the loss would otherwise copy the
+    masks to the host and back every step). Picklable, so it works with any worker start method.
+
+    Shape:
+        -> ``(index (B,), images (B, C, H, W), masks (B, 1, H, W), (core, border) each (B, 1, H, W) float32)``
+    """
+
+    def __init__(self, **target_kwargs: float) -> None:
+        self.target_kwargs = target_kwargs
+
+    def __call__(
+        self, samples: list[tuple[int, Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+        index, images, masks = default_collate(samples)
+        return index, images, masks, adst_targets(masks, **self.target_kwargs)
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
@@ -391,7 +414,7 @@ def train_one_epoch(
     model.train()
     sums: dict[str, Tensor] = {}
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for step, (_, images, masks) in enumerate(loader):
+    for step, (_, images, masks, *precomputed) in enumerate(loader):
         if step >= steps:
             break
         images = images.to(device, non_blocking=True)
@@ -399,7 +422,11 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             outputs = model(images)
         outputs = _float_outputs(outputs)
-        loss = criterion(outputs, masks)
+        if precomputed and isinstance(outputs, ADSTOutput):  # targets built by TargetCollate in the workers
+            targets = tuple(t.to(device, non_blocking=True) for t in precomputed[0])
+            loss = criterion(outputs, masks, targets=targets)
+        else:
+            loss = criterion(outputs, masks)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

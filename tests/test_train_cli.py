@@ -287,3 +287,20 @@ def test_loss_flags_pick_the_mask_and_fused_losses(flags: list[str], mask_loss: 
     assert type(criterion.base_loss).__name__ == mask_loss
     assert type(criterion.fused_loss).__name__ == fused_loss
     assert (criterion.w_main, criterion.w_edge, criterion.w_fused) == (0.5, 0.5, 0.5)
+
+
+def test_training_batches_carry_targets_built_in_the_workers() -> None:
+    import lesion_data as ld
+    import train_utils as tu
+    from torch.utils.data import DataLoader
+
+    from adst_plugin.targets import adst_targets
+
+    dataset = tu.IndexedDataset(ld.SyntheticLesionDataset(n=8, img_size=64, seed=0))
+    collate = tu.TargetCollate(shrink_ratio=0.4, thresh_min=0.3, thresh_max=0.7)
+    loader = DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=collate)
+    for index, images, masks, (core, border) in loader:  # built in a worker process
+        assert index.tolist() == sorted(index.tolist()) and images.shape[0] == 4
+        expected_core, expected_border = adst_targets(masks)
+        assert torch.equal(core, expected_core) and torch.equal(border, expected_border)
+        assert core.shape == border.shape == masks.shape and bool(core.any())
