@@ -23,6 +23,10 @@ SACA_SQUEEZE_RATIO: int = 2
 SACA_GROUP_SIZE: int = 2
 SACA_GROUP_KERNEL_SIZE: int = 3
 
+#: Whether the head's losses reach the tapped decoder features. Off: chosen on validation Dice in the ablations of
+#: docs/results.md (section 4), where letting them train the decoder made the exported model worse.
+FEATURE_GRAD: bool = False
+
 #: Steepness k of the DB-style differentiable binarization 1 / (1 + exp(-k (P - T))).
 DB_STEEPNESS: float = 50.0
 

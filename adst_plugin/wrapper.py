@@ -93,7 +93,7 @@ class ADSTModel(nn.Module):
         in_channels: int | None = None,
         hidden_channels: int = C.HIDDEN_CHANNELS,
         fusion: str = "convglu",
-        feature_grad: bool = True,
+        feature_grad: bool = C.FEATURE_GRAD,
         db_steepness: float = C.DB_STEEPNESS,
         head_stride: int = C.HEAD_STRIDE,
     ):
@@ -165,7 +165,7 @@ def wrap_with_adst(
     in_channels: int | None = None,
     hidden_channels: int = C.HIDDEN_CHANNELS,
     fusion: str = "convglu",
-    feature_grad: bool = True,
+    feature_grad: bool = C.FEATURE_GRAD,
     db_steepness: float = C.DB_STEEPNESS,
     head_stride: int = C.HEAD_STRIDE,
 ) -> ADSTModel:
@@ -179,8 +179,9 @@ def wrap_with_adst(
         in_channels: channels of the tapped features; inferred for smp models.
         hidden_channels: head width (SACA constraints apply; 16 by default).
         fusion: ``"convglu"`` (paper) or ``"db"`` (DB binarization of main vs edge).
-        feature_grad: if False the head's losses do not reach the tapped features (the edge term,
-            computed on the mask logits, always does).
+        feature_grad: if True the head's main and fused losses also train the tapped features; False by
+            default (chosen on validation, see docs/results.md), so they train the head alone. The edge term,
+            computed on the mask logits, always reaches the model.
         db_steepness: k of the DB binarization.
         head_stride: the head's working stride (1 = paper layout at full resolution; 2 by default,
             measured to keep the training overhead small without losing edge detail, see docs/results.md).

@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux-weight", type=float, default=1.0, help="multiplies w_main, w_edge and w_fused")
     g.add_argument("--aux-fade", choices=("none", "cosine", "linear"), default="none",
                    help="fade the auxiliary terms from 1 (first epoch) to 0 (last epoch)")  # fmt: skip
-    g.add_argument("--no-feature-grad", action="store_true", help="head losses do not reach the tapped features")
+    g.add_argument(
+        "--feature-grad",
+        action=argparse.BooleanOptionalAction,
+        default=C.FEATURE_GRAD,
+        help="the head's main/fused losses also train the tapped features (off by default, see docs/results.md)",
+    )
     g.add_argument("--w-main", type=float, default=C.W_MAIN, help="weight of the main (core map) term")
     g.add_argument("--w-edge", type=float, default=C.W_EDGE, help="weight of the edge (border map) term")
     g.add_argument("--w-fused", type=float, default=C.W_FUSED, help="weight of the fused term")
@@ -203,6 +208,8 @@ def _merge_saved_config(args: argparse.Namespace, parser: argparse.ArgumentParse
     if not (run_dir / "last.pt").is_file() or not path.is_file():
         parser.error(f"--resume: no run to resume in '{run_dir}' (needs last.pt and config.json)")
     saved = json.loads(path.read_text(encoding="utf-8"))["args"]
+    if "no_feature_grad" in saved:  # runs from before --feature-grad became a --[no-]feature-grad pair
+        saved["feature_grad"] = not saved.pop("no_feature_grad")
     for key, value in saved.items():
         if key in RUNTIME_KEYS or not hasattr(args, key):
             continue
@@ -321,7 +328,7 @@ def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
         head_stride=args.head_stride,
         fusion=args.fusion,
         hidden_channels=args.hidden_channels,
-        feature_grad=not args.no_feature_grad,
+        feature_grad=args.feature_grad,
     )
 
 

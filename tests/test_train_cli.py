@@ -225,6 +225,14 @@ def test_bad_arguments_exit_with_a_clear_message(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("legacy", [True, False])
+def test_resume_reads_the_legacy_no_feature_grad_key(tmp_path: Path, legacy: bool) -> None:
+    (tmp_path / "last.pt").touch()
+    saved = {"dataset": "synthetic", "no_feature_grad": legacy}
+    (tmp_path / "config.json").write_text(json.dumps({"args": saved}), encoding="utf-8")
+    assert train.parse_args(["--resume", "--out", str(tmp_path)]).feature_grad is (not legacy)
+
+
 def test_resume_without_a_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         train.parse_args(["--out", str(tmp_path / "nothing"), "--resume"])

@@ -123,12 +123,22 @@ def test_logits_tap_and_named_features(unet):
     assert deep(torch.rand(1, 3, 32, 32)).main.shape == (1, 1, 32, 32)
 
 
-def test_feature_grad_false_stops_head_gradients_at_the_features(unet):
-    model = wrap_with_adst(unet, feature_grad=False)
+@pytest.mark.parametrize("feature_grad", [None, False, True])  # None: the default, which is False
+def test_feature_grad_decides_whether_the_main_branch_trains_the_model(unet, feature_grad):
+    kwargs = {} if feature_grad is None else {"feature_grad": feature_grad}
+    model = wrap_with_adst(unet, **kwargs)
     out = model(torch.rand(2, 3, 32, 32))
-    out.main.mean().backward()  # only the main branch: nothing may reach the smp model
-    assert all(p.grad is None for p in model.model.parameters())
+    out.main.mean().backward()  # only the main branch
+    reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.model.decoder.parameters()]
+    assert any(reached) is bool(feature_grad)
+    assert not any(p.grad is not None for p in model.model.segmentation_head.parameters())  # main never uses it
     assert model.head.main[0].weight.grad is not None
+
+
+def test_edge_term_reaches_the_model_without_feature_grad(unet):
+    model = wrap_with_adst(unet)
+    model(torch.rand(2, 3, 32, 32)).edge.square().mean().backward()
+    assert model.model.segmentation_head[0].weight.grad.abs().sum() > 0
 
 
 def test_generic_module_needs_channels_when_unknown():
