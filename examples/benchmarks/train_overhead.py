@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ARCHS, build_model, count_params, interleaved_medians, machine, pick_device
 
 from adst_plugin import ADSTLoss, DiceBCELoss, wrap_with_adst
+from adst_plugin import constants as C
 
 
 def flops(fn) -> int:
@@ -33,7 +34,7 @@ def flops(fn) -> int:
 def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
     base = build_model(arch, args.encoder, args.in_channels)
     plain = copy.deepcopy(base).to(device)
-    adst = wrap_with_adst(base, tap=args.tap, head_stride=args.head_stride).to(device)
+    adst = wrap_with_adst(base, tap=args.tap, head_stride=args.head_stride, feature_grad=args.feature_grad).to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     plain, adst = plain.to(memory_format=fmt), adst.to(memory_format=fmt)
     generator = torch.Generator().manual_seed(0)
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--tap", default="decoder", choices=["decoder", "logits"])
     parser.add_argument("--head-stride", type=int, default=2)
+    parser.add_argument(
+        "--feature-grad",
+        action=argparse.BooleanOptionalAction,
+        default=C.FEATURE_GRAD,
+        help="the head's losses also backpropagate into the decoder (the pre-ablation default)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,7 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\n# Training overhead — {machine(device)} — {dt.date.today()}")
     print(
         f"encoder {args.encoder}, {args.size}², batch {args.batch}, amp {args.amp}, channels_last "
-        f"{args.channels_last}, tap {args.tap}, head_stride {args.head_stride}, median of {args.steps} steps\n"
+        f"{args.channels_last}, tap {args.tap}, head_stride {args.head_stride}, feature_grad {args.feature_grad}, "
+        f"median of {args.steps} steps\n"
     )
     print("| arch | plain s/step | ADST s/step | ratio | head params | model params | head fwd GFLOPs |")
     print("|---|---|---|---|---|---|---|")
