@@ -422,11 +422,9 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             outputs = model(images)
         outputs = _float_outputs(outputs)
-        if precomputed and isinstance(outputs, ADSTOutput):  # targets built by TargetCollate in the workers
-            targets = tuple(t.to(device, non_blocking=True) for t in precomputed[0])
-            loss = criterion(outputs, masks, targets=targets)
-        else:
-            loss = criterion(outputs, masks)
+        # Targets built by TargetCollate in the workers (ADST runs); the loss builds them itself otherwise.
+        targets = tuple(t.to(device, non_blocking=True) for t in precomputed[0]) if precomputed else None
+        loss = criterion(outputs, masks, targets=targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -23,6 +23,7 @@ from _common import ARCHS, build_model, count_params, interleaved_medians, machi
 
 from adst_plugin import ADSTLoss, DiceBCELoss, wrap_with_adst
 from adst_plugin import constants as C
+from adst_plugin.wrapper import TAPS
 
 
 def flops(fn) -> int:
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    parser.add_argument("--tap", default="decoder", choices=["decoder", "logits"])
-    parser.add_argument("--head-stride", type=int, default=2)
+    parser.add_argument("--tap", default="decoder", choices=TAPS)
+    parser.add_argument("--head-stride", type=int, default=C.HEAD_STRIDE)
     parser.add_argument(
         "--feature-grad",
         action=argparse.BooleanOptionalAction,
