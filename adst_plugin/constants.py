@@ -1,4 +1,4 @@
-"""Defaults shared by the targets, the head and the loss."""
+"""Numeric defaults of the targets and the head's blocks (the head/loss configuration lives in presets.py)."""
 
 #: DBNet shrink ratio r: the core offset is D = A (1 - r^2) / L.
 SHRINK_RATIO: float = 0.4
@@ -12,7 +12,7 @@ THRESH_MAX: float = 0.7
 #: Width of the head's hidden layers (must satisfy SACA's group/split constraints).
 HIDDEN_CHANNELS: int = 16
 
-#: The head's main branch runs at <= 1/HEAD_STRIDE of the mask size, its fusion on sub-pixel blocks.
+#: The head's main branch and fusion run at <= 1/HEAD_STRIDE of the mask size.
 HEAD_STRIDE: int = 2
 
 #: SACA defaults (SRU group norm groups, gate threshold; CRU split, squeeze, groups, kernel).
@@ -23,15 +23,5 @@ SACA_SQUEEZE_RATIO: int = 2
 SACA_GROUP_SIZE: int = 2
 SACA_GROUP_KERNEL_SIZE: int = 3
 
-#: Whether the head's losses reach the tapped decoder features. Off: chosen on validation Dice in the ablations of
-#: docs/results.md (section 4), where letting them train the decoder made the exported model worse.
-FEATURE_GRAD: bool = False
-
 #: Steepness k of the DB-style differentiable binarization 1 / (1 + exp(-k (P - T))).
 DB_STEEPNESS: float = 50.0
-
-#: Loss weights (mask, main, edge, fused).
-W_MASK: float = 1.0
-W_MAIN: float = 1.0
-W_EDGE: float = 1.0
-W_FUSED: float = 1.0

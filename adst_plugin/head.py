@@ -1,19 +1,16 @@
-"""The ADST auxiliary head: main threshold map, edge threshold map and their fusion.
+"""The ADST auxiliary head (main, edge and fused maps) and the outputs it produces.
 
 ::
 
-    features --conv-BN-ReLU-SACA-BN-ReLU-conv--> main   (core localisation, at the features' stride,
-                                                          then resized to the mask size)
-    mask logits --Laplacian high-pass----------> edge   (no parameters)
-    [main, edge] --conv-BN-ReLU-ConvGLU-BN-ReLU-conv--> fused     (fusion="convglu")
-                 or k * (sigmoid(main) - sigmoid(edge))           (fusion="db", DB binarization logits)
+    features --pool--conv-BN-ReLU-SACA-BN-ReLU-conv--> main       (core localisation, at <= 1/s)
+    mask logits --[sigmoid, detach]--Laplacian-------> edge       (no parameters, full resolution)
+    [main, space-to-depth(edge)] --conv-BN-ReLU-ConvGLU-BN-ReLU-conv--bilinear x s--> fused
 
-All three outputs are logits of shape (B, 1, H, W), H, W being the mask logits' size.
-
-``head_stride`` s trades resolution for speed without losing the edge detail: the main branch reads the
-features average-pooled to at most (H/s, W/s), and the ConvGLU fusion runs on space-to-depth
-(``pixel_unshuffle``) copies of the full-resolution main and edge maps, predicting s*s sub-pixels that
-``pixel_shuffle`` puts back at full resolution (sub-pixel convolution). s = 1 is the paper's layout.
+``fused`` is the logits of the threshold map T (``fused_role="threshold"``) or of a second mask
+(``"mask"``, paper). The main branch and the fusion run at <= 1/s of the mask size (``head_stride`` s);
+the edge map enters the fusion losslessly as s*s channels (``pixel_unshuffle``), and the fused map is
+resized bilinearly, so it is smooth (no sub-pixel checkerboard). s = 1 is the paper's full-resolution
+layout. All maps are logits of shape (B, 1, H, W), H, W being the mask logits' size.
 """
 
 from __future__ import annotations
@@ -24,23 +21,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import constants as C
+from .constants import HEAD_STRIDE, HIDDEN_CHANNELS
 from .convglu import ConvGLU
 from .laplacian import LaplacianEdge
+from .presets import EDGE_INPUTS
 from .saca import SACA
 
-__all__ = ["FUSIONS", "ADSTHead", "DBFusion", "FusionMap", "HeadMaps", "MainThresholdMap"]
-
-#: Fusion variants of :class:`ADSTHead`.
-FUSIONS = ("convglu", "db")
+__all__ = ["ADSTHead", "ADSTOutput", "FusionMap", "HeadMaps", "MainThresholdMap"]
 
 
 class HeadMaps(NamedTuple):
-    """The head's three logit maps, each (B, 1, H, W)."""
+    """The head's three logit maps, each (B, 1, H, W).
+
+    Attributes:
+        main: main threshold map (core localisation), supervised by the core map.
+        edge: edge threshold map (Laplacian high-pass of the mask logits or probabilities).
+        fused: fusion of main and edge: threshold map T, or mask logits (paper).
+    """
 
     main: Tensor
     edge: Tensor
     fused: Tensor
+
+
+class ADSTOutput(NamedTuple):
+    """Model and head outputs together, from :meth:`ADSTModel.forward_adst` (for inspection and plots).
+
+    Attributes:
+        masks: the wrapped model's mask logits (B, 1, H, W): what inference uses.
+        maps: the head's :class:`HeadMaps`.
+        labels: the classification output of smp models built with ``aux_params``; otherwise None.
+    """
+
+    masks: Tensor
+    maps: HeadMaps
+    labels: Tensor | None = None
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
@@ -58,7 +73,7 @@ class MainThresholdMap(nn.Sequential):
         (B, in_channels, h, w) -> (B, 1, h, w)
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int = C.HIDDEN_CHANNELS):
+    def __init__(self, in_channels: int, hidden_channels: int = HIDDEN_CHANNELS):
         saca = SACA(hidden_channels)  # validates hidden_channels first, with the list of valid widths
         super().__init__(
             *_conv_bn_relu(in_channels, hidden_channels, 3),
@@ -67,103 +82,97 @@ class MainThresholdMap(nn.Sequential):
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden_channels, 1, 1),
         )
+        self.in_channels = in_channels
 
 
 class FusionMap(nn.Module):
     """concat(main, edge) -> conv -> BN -> ReLU -> ConvGLU -> BN -> ReLU -> conv(-> 1), at 1/stride.
 
-    The input is folded into ``stride**2`` channels per map (``pixel_unshuffle``, lossless) and the output
-    unfolded back (``pixel_shuffle``), so every full-resolution pixel gets its own logit.
+    ``main`` comes at (ceil(H/s), ceil(W/s)); ``edge`` at (H, W) is folded into s*s channels
+    (``pixel_unshuffle``, lossless). The low-resolution output is resized bilinearly to (H, W).
 
     Shape:
-        (B, 2, H, W) -> (B, 1, H, W)
+        main (B, 1, ceil(H/s), ceil(W/s)), edge (B, 1, H, W) -> (B, 1, H, W)
     """
 
-    def __init__(self, hidden_channels: int = C.HIDDEN_CHANNELS, stride: int = 1):
+    def __init__(self, hidden_channels: int = HIDDEN_CHANNELS, stride: int = 1):
         super().__init__()
         self.stride = stride
         self.body = nn.Sequential(
-            *_conv_bn_relu(2 * stride**2, hidden_channels, 3),
+            *_conv_bn_relu(1 + stride**2, hidden_channels, 3),
             ConvGLU(hidden_channels),
             nn.BatchNorm2d(hidden_channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_channels, stride**2, 1),
+            nn.Conv2d(hidden_channels, 1, 1),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, main: Tensor, edge: Tensor) -> Tensor:
         s = self.stride
-        if s == 1:
-            return self.body(x)
-        height, width = x.shape[-2:]
-        pad_h, pad_w = (-height) % s, (-width) % s
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        out = F.pixel_shuffle(self.body(F.pixel_unshuffle(x, s)), s)
-        return out[..., :height, :width]
-
-
-class DBFusion(nn.Module):
-    """DB-style differentiable binarization: logits ``k (sigmoid(main) - sigmoid(edge))``.
-
-    ``sigmoid`` of the output is DBNet's ``1 / (1 + exp(-k (P - T)))`` with P = sigmoid(main),
-    T = sigmoid(edge). No parameters.
-
-    Shape:
-        (B, 2, H, W) -> (B, 1, H, W)
-    """
-
-    def __init__(self, steepness: float = C.DB_STEEPNESS):
-        super().__init__()
-        self.steepness = steepness
-
-    def forward(self, x: Tensor) -> Tensor:
-        main, edge = x.float().chunk(2, dim=1)
-        return (self.steepness * (torch.sigmoid(main) - torch.sigmoid(edge))).to(x.dtype)
+        height, width = edge.shape[-2:]
+        if s > 1:
+            pad_h, pad_w = (-height) % s, (-width) % s
+            if pad_h or pad_w:
+                edge = F.pad(edge, (0, pad_w, 0, pad_h), mode="replicate")
+            edge = F.pixel_unshuffle(edge, s)
+        out = self.body(torch.cat([main, edge.to(main.dtype)], dim=1))
+        if s > 1:
+            out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
+        return out
 
 
 class ADSTHead(nn.Module):
-    """Main, edge and fused threshold maps from tapped features and the mask logits.
+    """Main, edge and fused maps from tapped features and the mask logits.
 
     Args:
         in_channels: channels of the tapped features (1 when the head reads the mask logits).
         hidden_channels: width of the main and fusion branches (checked against SACA's constraints).
-        fusion: ``"convglu"`` (paper) or ``"db"`` (DB binarization of main vs edge, no parameters).
-        db_steepness: k of the DB binarization.
-        head_stride: the main branch runs at <= 1/head_stride of the mask size and the fusion on
-            head_stride x head_stride sub-pixel blocks (1 = paper, full resolution).
+        head_stride: the main branch and the fusion run at <= 1/head_stride of the mask size.
+        edge_input: ``"probs"``: Laplacian of the detached sigmoid(logits), a cue no loss can push on;
+            ``"logits"``: Laplacian of the mask logits, with gradient (paper).
 
     Shape:
-        features (B, in_channels, h, w), mask_logits (B, 1, H, W) -> three maps (B, 1, H, W)
+        features (B, in_channels, h, w), mask_logits (B, 1, H, W) -> :class:`HeadMaps`, each (B, 1, H, W)
     """
 
     def __init__(
         self,
         in_channels: int,
-        hidden_channels: int = C.HIDDEN_CHANNELS,
-        fusion: str = "convglu",
-        db_steepness: float = C.DB_STEEPNESS,
-        head_stride: int = C.HEAD_STRIDE,
+        hidden_channels: int = HIDDEN_CHANNELS,
+        head_stride: int = HEAD_STRIDE,
+        edge_input: str = "probs",
     ):
         super().__init__()
         if not isinstance(head_stride, int) or head_stride < 1:
             raise ValueError(f"ADSTHead: expected head_stride to be an int >= 1, got {head_stride!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"ADSTHead: unknown fusion {fusion!r}; valid options are {FUSIONS}")
         if in_channels < 1:
             raise ValueError(f"ADSTHead: expected in_channels >= 1, got {in_channels}")
+        if edge_input not in EDGE_INPUTS:
+            raise ValueError(f"ADSTHead: unknown edge_input {edge_input!r}; valid options are {EDGE_INPUTS}")
         self.main = MainThresholdMap(in_channels, hidden_channels)
         self.edge = LaplacianEdge()
+        self.fusion = FusionMap(hidden_channels, head_stride)
         self.head_stride = head_stride
-        self.fusion = FusionMap(hidden_channels, head_stride) if fusion == "convglu" else DBFusion(db_steepness)
+        self.edge_input = edge_input
+
+    @property
+    def in_channels(self) -> int:
+        """Channels the head expects from the tapped features."""
+        return self.main.in_channels
 
     def forward(self, features: Tensor, mask_logits: Tensor) -> HeadMaps:
         s = self.head_stride
-        low_res = (-(-mask_logits.shape[-2] // s), -(-mask_logits.shape[-1] // s))
+        size = mask_logits.shape[-2:]
+        low_res = (-(-size[0] // s), -(-size[1] // s))
         if features.shape[-2] > low_res[0] or features.shape[-1] > low_res[1]:
             features = F.adaptive_avg_pool2d(features, low_res)
-        main = self.main(features)
-        if main.shape[-2:] != mask_logits.shape[-2:]:
-            main = F.interpolate(main, size=mask_logits.shape[-2:], mode="bilinear", align_corners=False)
-        edge = self.edge(mask_logits)
-        fused = self.fusion(torch.cat([main, edge.to(main.dtype)], dim=1))
+        main_low = self.main(features)
+        if main_low.shape[-2:] != low_res:
+            main_low = F.interpolate(main_low, size=low_res, mode="bilinear", align_corners=False)
+        main = main_low if s == 1 else F.interpolate(main_low, size=size, mode="bilinear", align_corners=False)
+        source = mask_logits if self.edge_input == "logits" else torch.sigmoid(mask_logits.detach().float())
+        edge = self.edge(source)
+        fused = self.fusion(main_low, edge)
         return HeadMaps(main, edge, fused)
+
+    def extra_repr(self) -> str:
+        return f"head_stride={self.head_stride}, edge_input={self.edge_input!r}"

@@ -1,7 +1,16 @@
 """Forward hooks that capture a submodule's output, with an explicit lifecycle.
 
-Only :class:`FeatureTap` registers hooks; every handle is kept and :meth:`FeatureTap.remove` drops them
-all (safe to repeat). Captured tensors are not detached, so auxiliary losses reach the model.
+Only :class:`FeatureTap` registers hooks. It registers one hook when it is created (never inside a forward
+call, so ``torch.compile(..., fullgraph=True)`` traces straight through it) and :meth:`FeatureTap.remove`
+drops it (safe to repeat; also on ``with`` exit and garbage collection).
+
+The registered callable is a small :class:`Capture` that holds no reference to any module, and removal
+finds it by identity, not through a handle. So a deep copy of the hooked model (``copy.deepcopy``, or
+``export()``) carries a copy of the capture that :func:`strip_captures` removes, and removing or
+collecting one copy never touches the other's hooks.
+
+The capture stores the output as it is (not detached): whether the head's gradient reaches the model is
+decided by the wrapper (``feature_grad``).
 """
 
 from __future__ import annotations
@@ -9,9 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-__all__ = ["FeatureTap", "resolve_module"]
+__all__ = ["Capture", "FeatureTap", "resolve_module", "strip_captures"]
 
 
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
@@ -26,8 +34,50 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
+class Capture:
+    """The hook callable: keeps the hooked module's last output while ``active`` (the owner switches it)."""
+
+    def __init__(self) -> None:
+        self.output: Tensor | None = None
+        self.active = True
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.active:
+            return
+        if isinstance(output, (tuple, list)):  # e.g. decoders returning several maps: the first is the mask path
+            output = output[0]
+        if not isinstance(output, Tensor) or output.ndim != 4:
+            raise TypeError(
+                f"FeatureTap: expected the hooked {type(module).__name__} to return a (B, C, H, W) tensor, "
+                f"got {type(output).__name__}{tuple(output.shape) if isinstance(output, Tensor) else ''}"
+            )
+        self.output = output
+
+
+def _hook_dicts(module: nn.Module) -> list[dict[int, Any]]:
+    names = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+    return [getattr(module, name) for name in names if hasattr(module, name)]
+
+
+def _remove_capture(module: nn.Module, capture: Capture | None = None) -> int:
+    """Remove ``capture`` (or every :class:`Capture`) from ``module``'s forward hooks; returns how many."""
+    hooks = module._forward_hooks
+    keys = [
+        key for key, hook in hooks.items() if (hook is capture if capture is not None else isinstance(hook, Capture))
+    ]
+    for key in keys:
+        for hook_dict in _hook_dicts(module):
+            hook_dict.pop(key, None)
+    return len(keys)
+
+
+def strip_captures(model: nn.Module) -> int:
+    """Remove every :class:`Capture` hook from ``model`` and its submodules; returns how many were removed."""
+    return sum(_remove_capture(module) for module in model.modules())
+
+
 class FeatureTap:
-    """Capture the output of ``module`` on every forward.
+    """Capture the output of ``module`` on every forward while ``capture.active``.
 
     Args:
         module: the module to hook.
@@ -40,37 +90,31 @@ class FeatureTap:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.handles: list[RemovableHandle] = []
-        self.output: Tensor | None = None
+        self.capture = Capture()
         self.attach()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hook is registered."""
+        return any(hook is self.capture for hook in self.module._forward_hooks.values())
 
     def attach(self) -> None:
         """(Re-)register the hook; a no-op when already attached."""
-        if not self.handles:
-            self.handles.append(self.module.register_forward_hook(self._hook))
-
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, (tuple, list)):  # e.g. decoders returning several maps: the first is the mask path
-            output = output[0]
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            raise TypeError(
-                f"FeatureTap: expected the hooked {type(module).__name__} to return a (B, C, H, W) tensor, "
-                f"got {type(output).__name__}{tuple(output.shape) if isinstance(output, Tensor) else ''}"
-            )
-        self.output = output
+        if not self.attached:
+            self.module.register_forward_hook(self.capture)
 
     def pop(self) -> Tensor | None:
         """Return the last captured output and forget it (so no graph is kept alive)."""
-        output, self.output = self.output, None
+        output, self.capture.output = self.capture.output, None
         return output
 
     def remove(self) -> None:
-        """Remove every hook handle and captured tensor; safe to call repeatedly."""
-        handles = getattr(self, "handles", [])  # may be absent if __init__ failed or was bypassed
-        for handle in handles:
-            handle.remove()
-        handles.clear()
-        self.output = None
+        """Remove the hook and the captured tensor; safe to call repeatedly."""
+        module, capture = getattr(self, "module", None), getattr(self, "capture", None)
+        if module is None or capture is None:  # __init__ failed or was bypassed
+            return
+        _remove_capture(module, capture)
+        capture.output = None
 
     def __enter__(self) -> FeatureTap:
         return self

@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from adst_plugin.head import ADSTHead, DBFusion, FusionMap
+from adst_plugin.head import ADSTHead, FusionMap
 
 
 @pytest.mark.parametrize("head_stride", [1, 2, 3, 4])
@@ -15,46 +16,63 @@ def test_maps_come_at_the_mask_size(head_stride, feature_size, mask_size):
         assert m.shape == (2, 1, *mask_size)
 
 
-def test_every_parameter_gets_a_gradient_and_reaches_inputs():
-    head = ADSTHead(8)
+@pytest.mark.parametrize(("edge_input", "logits_get_grad"), [("probs", False), ("logits", True)])
+def test_every_parameter_trains_and_only_the_paper_edge_reaches_the_logits(edge_input, logits_get_grad):
+    head = ADSTHead(8, edge_input=edge_input)
     features = torch.rand(2, 8, 32, 32, requires_grad=True)
     logits = torch.randn(2, 1, 32, 32, requires_grad=True)
     sum(m.square().mean() for m in head(features, logits)).backward()
     assert [n for n, p in head.named_parameters() if p.grad is None] == []
-    assert features.grad.abs().sum() > 0 and logits.grad.abs().sum() > 0
+    assert features.grad.abs().sum() > 0
+    assert (logits.grad is not None and bool(logits.grad.abs().sum() > 0)) is logits_get_grad
 
 
-def test_fusion_stride_one_is_the_plain_layout():
-    fusion = FusionMap(16, stride=1)
-    assert fusion.body[0].in_channels == 2 and fusion.body[-1].out_channels == 1
+def test_probs_edge_is_the_laplacian_of_the_probabilities():
+    head = ADSTHead(8)
+    logits = torch.randn(1, 1, 20, 20)
+    maps = head(torch.rand(1, 8, 20, 20), logits)
+    assert torch.allclose(maps.edge, head.edge(torch.sigmoid(logits)))
 
 
-def test_subpixel_fusion_keeps_full_resolution_detail():
-    # Each output pixel depends on its own sub-pixel input: perturbing one input pixel changes its block only.
+def _block_roughness(x: torch.Tensor) -> float:
+    # Differences inside 2x2 blocks relative to those between blocks: ~1 for independent sub-pixels
+    # (a sub-pixel checkerboard), ~0.5 for a bilinear x2 resize of a smooth map.
+    inside = (x[..., 0::2, :] - x[..., 1::2, :]).abs().mean()
+    between = (x[..., 1:-1:2, :] - x[..., 2::2, :]).abs().mean()
+    return float(inside / between)
+
+
+def test_fused_map_is_smooth_no_subpixel_checkerboard():
+    torch.manual_seed(0)
+    fusion = FusionMap(16, stride=2).eval()
+    main, edge = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 64, 64)
+    with torch.no_grad():
+        fused = fusion(main, edge)
+        assert fused.shape == (4, 1, 64, 64)
+        assert _block_roughness(fused) < 0.75
+        # Negative control: the old sub-pixel layout (pixel_shuffle of 4 independent channels) is rough.
+        subpixel = F.pixel_shuffle(torch.randn(4, 4, 32, 32), 2)
+        assert _block_roughness(subpixel) > 0.9
+
+
+def test_fusion_sees_every_full_resolution_edge_pixel():
     torch.manual_seed(0)
     fusion = FusionMap(8, stride=2).eval()
-    x = torch.randn(1, 2, 16, 16)
-    y0 = fusion(x)
-    x2 = x.clone()
-    x2[0, 1, 7, 9] += 5.0
-    diff = (fusion(x2) - y0).abs()[0, 0]
-    assert diff[7, 9] > 0
-    assert diff[:2].max() == 0 and diff[12:].max() == 0  # beyond the two 3x3 convs' receptive field
-
-
-def test_db_fusion_is_db_binarization():
-    main, edge = torch.randn(2, 1, 5, 5), torch.randn(2, 1, 5, 5)
-    fused = DBFusion(50.0)(torch.cat([main, edge], 1))
-    expected = 1 / (1 + torch.exp(-50 * (torch.sigmoid(main) - torch.sigmoid(edge))))
-    assert torch.allclose(torch.sigmoid(fused), expected, atol=1e-6)
-    head = ADSTHead(4, fusion="db")
-    assert not any(n.startswith("fusion") for n, _ in head.named_parameters())
+    main, edge = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        base = fusion(main, edge)
+        for i, j in [(0, 0), (0, 1), (1, 0), (1, 1)]:  # each sub-pixel of a block matters
+            bumped = edge.clone()
+            bumped[0, 0, 6 + i, 6 + j] += 5.0
+            assert (fusion(main, bumped) - base).abs().max() > 0
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown fusion 'sum'"):
-        ADSTHead(8, fusion="sum")
+    with pytest.raises(ValueError, match="unknown edge_input 'grad'"):
+        ADSTHead(8, edge_input="grad")
     with pytest.raises(ValueError, match="head_stride"):
         ADSTHead(8, head_stride=0)
     with pytest.raises(ValueError, match="channels=12 does not fit"):
         ADSTHead(8, hidden_channels=12)
+    with pytest.raises(ValueError, match="in_channels >= 1"):
+        ADSTHead(0)

@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from adst_plugin.hooks import FeatureTap, resolve_module
+from adst_plugin.hooks import Capture, FeatureTap, resolve_module, strip_captures
 
 
 class TupleOut(nn.Module):
@@ -10,27 +12,57 @@ class TupleOut(nn.Module):
         return x * 2, x
 
 
+def net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+
+
 def test_captures_pops_and_removes():
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
-    tap = FeatureTap(net[1])
+    model = net()
+    tap = FeatureTap(model[1])
     x = torch.rand(1, 1, 8, 8)
-    net(x)
+    model(x)
     feats = tap.pop()
     assert feats.shape == (1, 4, 8, 8) and feats.requires_grad
     assert tap.pop() is None
+    tap.capture.active = False
+    model(x)
+    assert tap.pop() is None  # an inactive capture keeps nothing
     tap.remove()
     tap.remove()  # idempotent
-    assert len(net[1]._forward_hooks) == 0
-    net(x)
-    assert tap.output is None
+    assert len(model[1]._forward_hooks) == 0 and not tap.attached
+    tap.capture.active = True
+    model(x)
+    assert tap.pop() is None
 
 
 def test_context_manager_removes_hooks_even_on_error():
-    net = nn.Identity()
-    with pytest.raises(RuntimeError), FeatureTap(net):
-        assert len(net._forward_hooks) == 1
+    module = nn.Identity()
+    with pytest.raises(RuntimeError), FeatureTap(module):
+        assert len(module._forward_hooks) == 1
         raise RuntimeError("boom")
-    assert len(net._forward_hooks) == 0
+    assert len(module._forward_hooks) == 0
+
+
+def test_removal_leaves_other_hooks_alone():
+    model = net()
+    calls = []
+    other = model[1].register_forward_hook(lambda *_: calls.append(1))
+    FeatureTap(model[1]).remove()
+    model(torch.rand(1, 1, 4, 4))
+    assert calls == [1]
+    other.remove()
+
+
+def test_deep_copies_have_their_own_capture_and_strip_removes_it():
+    model = net()
+    tap = FeatureTap(model[1])
+    twin = copy.deepcopy(model)
+    twin_hooks = list(twin[1]._forward_hooks.values())
+    assert len(twin_hooks) == 1 and isinstance(twin_hooks[0], Capture) and twin_hooks[0] is not tap.capture
+    twin(torch.rand(1, 1, 4, 4))
+    assert tap.pop() is None  # the copy's forward fills the copy's capture
+    assert strip_captures(twin) == 1 and len(twin[1]._forward_hooks) == 0
+    assert tap.attached
 
 
 def test_tuple_outputs_take_the_first_item_and_non_tensors_fail():
@@ -42,8 +74,8 @@ def test_tuple_outputs_take_the_first_item_and_non_tensors_fail():
 
 
 def test_resolve_module_lists_children():
-    net = nn.Sequential()
-    net.add_module("encoder", nn.Identity())
-    assert resolve_module(net, "encoder") is net.encoder
+    model = nn.Sequential()
+    model.add_module("encoder", nn.Identity())
+    assert resolve_module(model, "encoder") is model.encoder
     with pytest.raises(ValueError, match=r"no submodule 'decoder'.*\['encoder'\]"):
-        resolve_module(net, "decoder")
+        resolve_module(model, "decoder")

@@ -2,101 +2,166 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from conftest import tiny_unet
 
-from adst_plugin import ADSTLoss, ADSTOutput, DiceBCELoss
+from adst_plugin import ADSTLoss, DiceBCELoss, functional, wrap_with_adst
 from adst_plugin.targets import adst_targets
 
 
-def outputs(b=2, h=16, w=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    maps = [torch.randn(b, 1, h, w, generator=g, requires_grad=True) for _ in range(4)]
-    return ADSTOutput(*maps)
-
-
-def mask(b=2, h=16, w=16):
+def mask(b=2, h=32, w=32):
     m = torch.zeros(b, 1, h, w)
-    m[:, :, 4:11, 3:9] = 1
+    m[:, :, 8:22, 6:18] = 1
+    m[-1, :, 25:28, 25:28] = 1
     return m
 
 
-def test_total_is_the_weighted_sum_of_the_terms():
-    out, y = outputs(), mask()
-    criterion = ADSTLoss(w_mask=1.0, w_main=0.5, w_edge=2.0, w_fused=0.25)
-    total = criterion(out, y)
+def wrapped(preset="adst", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return wrap_with_adst(tiny_unet(), preset, **overrides)
+
+
+def images(b=2, h=32, w=32, seed=0):
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def expected_terms(criterion, logits, maps, y):
+    c = criterion.config
     core, border = adst_targets(y)
-    base = DiceBCELoss()
-    terms = {
-        "mask": base(out.masks, y),
-        "main": F.binary_cross_entropy_with_logits(out.main, core),
-        "edge": F.binary_cross_entropy_with_logits(out.edge, border),
-        "fused": base(out.fused, y),
-    }
-    expected = terms["mask"] + 0.5 * terms["main"] + 2.0 * terms["edge"] + 0.25 * terms["fused"]
-    assert torch.allclose(total, expected)
+    band = functional.band_weights(border, c.thresh_min, c.thresh_max)
+    terms = {"core": functional.core_loss(maps.main, core)}
+    if c.fused_role == "mask":
+        terms["edge"] = F.binary_cross_entropy_with_logits(maps.edge, border)
+        terms["fused"] = DiceBCELoss()(maps.fused, y)
+    else:
+        terms["threshold"] = (torch.sigmoid(maps.fused) - border).abs()[band > 0].mean()
+        probs = torch.sigmoid(50.0 * (torch.sigmoid(logits) - torch.sigmoid(maps.fused)))
+        terms["binary"] = 1 - (2 * (probs * y).sum() + 0) / (probs.sum() + y.sum()).clamp_min(1e-7)
+        terms["boundary"] = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * band).sum() / band.sum()
+    return terms
+
+
+@pytest.mark.parametrize("preset", ["adst", "paper"])
+def test_total_is_the_weighted_sum_of_the_terms(preset):
+    model = wrapped(preset)
+    weights = {"w_mask": 0.5, "w_core": 0.25}
+    weights.update({"w_edge": 2.0, "w_fused": 0.75} if preset == "paper" else {"w_threshold": 3.0, "w_boundary": 1.5})
+    criterion = ADSTLoss(model, **weights)
+    y = mask()
+    logits = model(images())
+    maps = model._maps
+    total = criterion(logits, y)
+    terms = expected_terms(criterion, logits, maps, y)
+    c = criterion.config
+    expected = c.w_mask * DiceBCELoss()(logits, y)
     for name, value in terms.items():
-        assert torch.allclose(criterion.last_terms[name], value)
-    total.backward()
-    assert all(m.grad is not None for m in out[:4])
+        assert torch.allclose(criterion.last_terms[name], value, atol=1e-5), name
+        expected = expected + getattr(c, f"w_{name}") * value
+    assert torch.allclose(total, expected, atol=1e-5)
+    assert set(criterion.last_terms) == {"mask", "total", *terms}
 
 
-def test_dice_bce_matches_smp_plus_bce():
-    logits, y = torch.randn(2, 1, 8, 8), mask(2, 8, 8)
-    expected = smp.losses.DiceLoss("binary")(logits, y) + F.binary_cross_entropy_with_logits(logits, y)
-    assert torch.allclose(DiceBCELoss()(logits, y), expected)
-
-
-def test_plain_tensor_gives_the_base_loss_only():
-    logits, y = torch.randn(2, 1, 16, 16), mask()
+def test_eval_mode_and_no_model_give_the_base_loss_only():
+    model = wrapped()
+    criterion = ADSTLoss(model)
+    y = mask()
+    model.eval()
+    logits = model(images())
+    assert torch.allclose(criterion(logits, y), DiceBCELoss()(logits, y))
+    assert set(criterion.last_terms) == {"mask", "total"}
     assert torch.allclose(ADSTLoss()(logits, y), DiceBCELoss()(logits, y))
 
 
-def test_custom_base_loss_and_aux_scale():
-    out, y = outputs(), mask()
+def test_training_loss_without_a_forward_fails_clearly():
+    model = wrapped()
+    criterion = ADSTLoss(model)
+    logits = model(images())
+    criterion(logits, mask())
+    with pytest.raises(RuntimeError, match="ran no training forward"):
+        criterion(logits, mask())  # the maps were handed over once
+
+
+def test_custom_base_loss_aux_scale_and_switching_terms_off():
+    model = wrapped()
     dice = smp.losses.DiceLoss("binary")
-    criterion = ADSTLoss(base_loss=dice, aux_scale=0.0)
-    assert torch.allclose(criterion(out, y), dice(out.masks, y))
+    criterion = ADSTLoss(model, dice, aux_scale=0.0)
+    y = mask()
+    logits = model(images())
+    assert torch.allclose(criterion(logits, y), dice(logits, y))
     criterion.aux_scale = 1.0
-    assert criterion(out, y) > dice(out.masks, y)
+    logits = model(images())
+    assert criterion(logits, y) > dice(logits, y)
+    no_boundary = ADSTLoss(model, w_boundary=0.0)
+    no_boundary(model(images()), y)
+    assert "boundary" not in no_boundary.last_terms
+    assert model.config.w_boundary == 1.0  # the override changes the loss's copy only
 
 
-def test_fused_loss_replaces_the_base_loss_on_the_fused_term_only():
-    out, y = outputs(), mask()
-    criterion = ADSTLoss(fused_loss=torch.nn.BCEWithLogitsLoss())
-    criterion(out, y)
-    assert torch.allclose(criterion.last_terms["fused"], F.binary_cross_entropy_with_logits(out.fused, y))
-    assert torch.allclose(criterion.last_terms["mask"], DiceBCELoss()(out.masks, y))  # the mask keeps Dice + BCE
+def test_fused_loss_replaces_the_base_loss_on_the_paper_fused_term_only():
+    model = wrapped("paper")
+    criterion = ADSTLoss(model, fused_loss=torch.nn.BCEWithLogitsLoss())
+    y = mask()
+    logits = model(images())
+    fused = model._maps.fused
+    criterion(logits, y)
+    assert torch.allclose(criterion.last_terms["fused"], F.binary_cross_entropy_with_logits(fused, y))
+    assert torch.allclose(criterion.last_terms["mask"], DiceBCELoss()(logits, y))
 
 
 def test_precomputed_targets_equal_on_the_fly():
-    out, y = outputs(), mask()
-    criterion = ADSTLoss()
-    assert torch.allclose(criterion(out, y), criterion(out, y, targets=adst_targets(y)))
+    y = mask()
+    losses = []
+    for targets in (None, adst_targets(y)):
+        model = wrapped()
+        losses.append(ADSTLoss(model)(model(images()), y, targets=targets))
+    assert torch.allclose(losses[0], losses[1])
 
 
 @pytest.mark.parametrize("y", [mask().bool(), (mask() * 255).to(torch.uint8), mask().long()])
 def test_mask_encodings_agree(y):
-    out = outputs()
-    assert torch.allclose(ADSTLoss()(out, y), ADSTLoss()(out, mask()))
+    losses = []
+    for target in (y, mask()):
+        model = wrapped()
+        losses.append(ADSTLoss(model)(model(images()), target))
+    assert torch.allclose(losses[0], losses[1])
+
+
+def test_the_loss_finds_the_wrapper_behind_ddp_style_and_compile_wrappers():
+    model = wrapped()
+
+    class Holder(torch.nn.Module):  # DistributedDataParallel keeps the wrapper in .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert ADSTLoss(Holder(model)).model is model
+    assert ADSTLoss(torch.compile(model, backend="eager")).model is model
+    with pytest.raises(TypeError, match="wrap_with_adst"):
+        ADSTLoss(tiny_unet())
 
 
 def test_bad_inputs_name_the_problem():
-    out = outputs()
-    criterion = ADSTLoss()
+    model = wrapped()
+    criterion = ADSTLoss(model)
+    logits = model(images())
     with pytest.raises(ValueError, match="match the logits"):
-        criterion(out, mask(2, 8, 8))
+        criterion(logits, mask(2, 16, 16))
     with pytest.raises(ValueError, match="binary mask"):
-        criterion(out, mask() * 0.5)
+        criterion(logits, mask() * 0.5)
     with pytest.raises(ValueError, match="NaN"):
-        criterion(out, mask() * float("nan"))
+        criterion(logits, mask() * float("nan"))
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
-        criterion(out, mask()[:, 0])
-    with pytest.raises(TypeError, match="outputs\\[0\\]"):
-        criterion((out.masks, torch.zeros(2, 3)), mask())
+        criterion(logits, mask()[:, 0])
     with pytest.raises(ValueError, match="1 channel"):
-        criterion(torch.randn(2, 2, 16, 16), mask())
+        criterion(torch.randn(2, 2, 32, 32), mask())
+    with pytest.raises(ValueError, match=r"maps .* do not match the logits"):
+        criterion(logits[:1], mask(1))
     with pytest.raises(ValueError, match="w_edge >= 0"):
-        ADSTLoss(w_edge=-1)
+        ADSTLoss(model, w_edge=-1)
+    with pytest.raises(ValueError, match=r"w_fused=1\.0 needs fused_role=.mask."):
+        ADSTLoss(model, w_fused=1.0)
+    with pytest.raises(TypeError, match="unknown option"):
+        ADSTLoss(model, feature_grad=0.0)  # a head option: set it on wrap_with_adst
     with pytest.raises(TypeError, match="callable"):
-        ADSTLoss(base_loss="dice")
+        ADSTLoss(model, base_loss="dice")
     with pytest.raises(TypeError, match="fused_loss to be callable"):
-        ADSTLoss(fused_loss="bce")
+        ADSTLoss(model, fused_loss="bce")

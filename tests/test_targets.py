@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from adst_plugin import targets as targets_module
 from adst_plugin.constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
-from adst_plugin.targets import adst_targets, border_map, boundary_map, core_map
+from adst_plugin.targets import ENGINES, adst_targets, border_map, boundary_map, core_map
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -429,7 +429,7 @@ def test_cuda_in_cuda_out() -> None:
     assert core.is_cuda and border.is_cuda and bnd.is_cuda
     ref_core, ref_border = adst_targets(mask)
     np.testing.assert_array_equal(core.cpu().numpy(), ref_core)
-    np.testing.assert_array_equal(border.cpu().numpy(), ref_border)
+    np.testing.assert_allclose(border.cpu().numpy(), ref_border, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(bnd.cpu().numpy(), boundary_map(mask))
 
 
@@ -456,6 +456,158 @@ def test_works_in_forked_child_after_parent_used_threads() -> None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("adst_targets hung in a forked child")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Torch engine (device-native): exact agreement with the reference and with the OpenCV engine
+# --------------------------------------------------------------------------------------------------------------
+
+
+@settings(SETTINGS, max_examples=250)
+@given(mask=masks(), p=params)
+def test_torch_engine_matches_reference_and_opencv(mask: np.ndarray, p: tuple[float, float, float]) -> None:
+    r, t_min, t_max = p
+    kwargs = {"shrink_ratio": r, "thresh_min": t_min, "thresh_max": t_max}
+    core, border = adst_targets(torch.from_numpy(mask), engine="torch", **kwargs)
+    ref_core, ref_border = reference_targets(mask, r, t_min, t_max)
+    np.testing.assert_array_equal(core.numpy(), ref_core)
+    np.testing.assert_allclose(border.numpy(), ref_border, rtol=0, atol=1e-6)
+    cv_core, cv_border = adst_targets(mask, engine="opencv", **kwargs)
+    np.testing.assert_array_equal(core.numpy(), cv_core)
+    np.testing.assert_allclose(border.numpy(), cv_border, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(HAND_BUILT))
+def test_torch_engine_hand_built_exact(name: str) -> None:
+    mask = HAND_BUILT[name]()
+    core, border = adst_targets(mask, engine="torch")
+    ref_core, ref_border = reference_targets(mask)
+    np.testing.assert_array_equal(core, ref_core)
+    np.testing.assert_allclose(border, ref_border, rtol=0, atol=1e-6)
+
+
+def _spiral(size: int) -> np.ndarray:
+    """A 1-pixel-wide square spiral (one component whose labels must travel far: many propagation steps)."""
+    m = np.zeros((size, size), bool)
+    y, x, dy, dx = 0, 0, 0, 1
+    lo, hi = 0, size - 1
+    while lo <= hi:
+        m[y, x] = True
+        ny, nx = y + dy, x + dx
+        if not (lo <= ny <= hi and lo <= nx <= hi) or ((dy, dx) == (-1, 0) and ny == lo + 1):
+            if (dy, dx) == (-1, 0):
+                lo, hi = lo + 2, hi - 2
+            dy, dx = dx, -dy  # turn right
+            ny, nx = y + dy, x + dx
+            if not (lo <= ny <= hi + 2 and lo - 2 <= nx <= hi + 2) or m[ny, nx]:
+                break
+        y, x = ny, nx
+    return m
+
+
+def test_torch_engine_realistic_and_hard_shapes() -> None:
+    """Larger masks (big offsets, crops clipped by the frame), mixed crop sizes, a spiral and many specks."""
+    rng = np.random.default_rng(1234)
+    kinds = ["blobs", "disks", "rects", "blobs", "noise", "lines", "empty", "full"]
+    mask = np.stack([random_mask(rng, 96, 130, kind)[None] for kind in kinds])
+    spiral = np.zeros((1, 1, 96, 130), bool)
+    spiral[0, 0, :61, :61] = _spiral(61)
+    assert ndimage.label(spiral[0, 0], structure=np.ones((3, 3)))[1] == 1
+    mask = np.concatenate([mask, spiral])
+    core, border = adst_targets(torch.from_numpy(mask), engine="torch")
+    ref_core, ref_border = reference_targets(mask)
+    np.testing.assert_array_equal(core.numpy(), ref_core)
+    np.testing.assert_allclose(border.numpy(), ref_border, rtol=0, atol=1e-6)
+
+
+def test_torch_engine_labels_match_scipy() -> None:
+    rng = np.random.default_rng(7)
+    mask = np.stack([random_mask(rng, 40, 57, kind) for kind in ["noise", "blobs", "lines", "rects", "empty"]])
+    mask = np.concatenate([mask, _spiral(57)[None, :40]])
+    root = targets_module._label_torch(torch.from_numpy(mask)).numpy().reshape(mask.shape)
+    for i in range(mask.shape[0]):
+        labels, n = ndimage.label(mask[i], structure=np.ones((3, 3), int))
+        assert ((root[i] >= 0) == mask[i]).all()
+        # Same partition: a bijection between scipy's labels and ours.
+        pairs = {(int(a), int(b)) for a, b in zip(labels[mask[i]], root[i][mask[i]], strict=True)}
+        assert len(pairs) == n == len({b for _, b in pairs})
+
+
+def test_torch_engine_degenerate_cases() -> None:
+    shapes = [(1, 1), (1, 9), (7, 1), (5, 8)]
+    for h, w in shapes:
+        for fill in (False, True):
+            mask = np.full((2, 1, h, w), fill)
+            core, border = adst_targets(torch.from_numpy(mask), engine="torch")
+            assert torch.equal(core, torch.full_like(core, float(fill)))
+            assert (border == np.float32(THRESH_MIN)).all()
+    # A full image next to an empty one and a normal one in the same batch.
+    mask = np.zeros((3, 1, 9, 9), bool)
+    mask[0] = True
+    mask[2, 0, 2:7, 2:7] = True
+    core, border = adst_targets(mask, engine="torch")
+    ref_core, ref_border = reference_targets(mask)
+    np.testing.assert_array_equal(core, ref_core)
+    np.testing.assert_allclose(border, ref_border, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [adst_targets, core_map, border_map])
+def test_torch_engine_outputs(fn: Callable[..., object]) -> None:
+    mask = HAND_BUILT["two separate lesions"]()
+    x = torch.from_numpy(mask).float().requires_grad_(True)
+    out = fn(x, engine="torch")
+    expected = fn(mask, engine="opencv")
+    outs, refs = (out, expected) if isinstance(out, tuple) else ((out,), (expected,))
+    for o, e in zip(outs, refs, strict=True):
+        assert isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.device == x.device
+        assert o.shape == x.shape and not o.requires_grad and o.grad_fn is None
+        np.testing.assert_allclose(o.numpy(), e, rtol=0, atol=1e-6)
+    # NumPy in, NumPy out, with either engine.
+    out_np = fn(mask, engine="torch")
+    for o in out_np if isinstance(out_np, tuple) else (out_np,):
+        assert isinstance(o, np.ndarray) and o.dtype == np.float32 and o.shape == mask.shape
+
+
+def test_auto_engine_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto``: OpenCV for NumPy and CPU tensors, torch for tensors on other devices (checked with a fake)."""
+    mask = HAND_BUILT["two separate lesions"]()
+    calls: list[str] = []
+    real_torch, real_numpy = targets_module._targets_torch, targets_module._targets_numpy
+    monkeypatch.setattr(targets_module, "_targets_torch", lambda *a: calls.append("torch") or real_torch(*a))
+    monkeypatch.setattr(targets_module, "_targets_numpy", lambda *a: calls.append("opencv") or real_numpy(*a))
+    adst_targets(mask)
+    adst_targets(torch.from_numpy(mask))
+    adst_targets(torch.from_numpy(mask), engine="torch")
+    adst_targets(mask, engine="opencv")
+    assert calls == ["opencv", "opencv", "torch", "opencv"]
+    meta = torch.zeros(1, 1, 4, 4, dtype=torch.bool, device="meta")
+    assert targets_module._use_torch_engine(meta, "auto")
+    assert not targets_module._use_torch_engine(meta, "opencv")
+    assert targets_module._use_torch_engine(mask, "torch")
+
+
+@pytest.mark.parametrize("fn", [adst_targets, core_map, border_map])
+def test_bad_engine(fn: Callable[..., object]) -> None:
+    assert ENGINES == ("auto", "opencv", "torch")
+    with pytest.raises(
+        ValueError, match=r"expected engine to be one of \['auto', 'opencv', 'torch'\], got engine='gpu'"
+    ):
+        fn(_one(), engine="gpu")
+    with pytest.raises(TypeError, match=r"engine to be one of .*got NoneType"):
+        fn(_one(), engine=None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_uses_torch_engine_and_stays_on_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    mask = np.stack([random_mask(rng, 64, 80, kind)[None] for kind in KINDS])
+    monkeypatch.setattr(targets_module, "_targets_numpy", lambda *a: pytest.fail("auto used OpenCV on CUDA"))
+    x = torch.from_numpy(mask).cuda()
+    core, border = adst_targets(x)
+    assert core.is_cuda and border.is_cuda and core.dtype == border.dtype == torch.float32
+    ref_core, ref_border = reference_targets(mask)
+    np.testing.assert_array_equal(core.cpu().numpy(), ref_core)
+    np.testing.assert_allclose(border.cpu().numpy(), ref_border, rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Compares, on the same deterministic random lesion masks and in the same run:
 
-1. ``adst_targets`` (OpenCV engine, threads over the batch);
+1. ``adst_targets(engine="opencv")`` (OpenCV engine, threads over the batch; masks on a GPU make a host round trip)
+   and ``adst_targets(engine="torch")`` (pure torch, on the masks' device), with their throughput ratio;
 2. an exact SciPy reference (``scipy.ndimage.label`` + ``distance_transform_edt`` per component), written here;
 3. optionally a DBNet-style polygon-offset pipeline (``cv2.findContours`` -> ``pyclipper`` offset by -D / +D ->
    ``cv2.fillPoly``; border from point-to-segment distances inside the dilated polygon). Skipped with a note when
@@ -13,9 +14,11 @@ Usage::
 
     python examples/benchmarks/targets.py                      # 256 and 512, batch 1 and 32, CPU, 2 threads
     python examples/benchmarks/targets.py --sizes 256 --batches 32 --repeats 7 --device auto
+    python examples/benchmarks/targets.py --sizes 256 --batches 1 32 256 --masks 256 --device cuda --no-polygon
 
 Throughput is masks per second: the median over ``--repeats`` timed passes (after a warm-up pass) over the same
-``--masks`` masks, fed in batches of ``--batches``. Not a test: nothing is asserted.
+``--masks`` masks, fed in batches of ``--batches`` (on CUDA, timed with ``torch.cuda.synchronize``). torch's
+intra-op threads are set to ``--threads`` too. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +38,6 @@ import cv2
 import numpy as np
 import torch
 from scipy import ndimage as ndi
-
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from adst_plugin.constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
 from adst_plugin.targets import adst_targets
@@ -255,7 +255,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="mask sizes (H = W)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes for adst_targets")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where the masks live")
-    parser.add_argument("--threads", type=int, default=2, help="num_threads for adst_targets")
+    parser.add_argument("--threads", type=int, default=2, help="num_threads for adst_targets and torch threads")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes (median reported)")
     parser.add_argument("--masks", type=int, default=64, help="masks per timed pass")
     parser.add_argument("--seed", type=int, default=0, help="mask generator seed")
@@ -272,6 +272,7 @@ def main() -> None:
         except ImportError:
             print("note: pyclipper is not installed; skipping the DBNet polygon-offset row (pip install pyclipper)")
 
+    torch.set_num_threads(args.threads)
     r, t_min, t_max = SHRINK_RATIO, THRESH_MIN, THRESH_MAX
     load_before = os.getloadavg()[0]
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores); torch {torch.__version__}, OpenCV {cv2.__version__}")
@@ -298,24 +299,42 @@ def main() -> None:
         for batch in args.batches:
             chunks = [torch.from_numpy(masks[i : i + batch]).to(device) for i in range(0, args.masks, batch)]
 
-            def run_ours(chunks: list[torch.Tensor] = chunks) -> list[tuple[torch.Tensor, torch.Tensor]]:
-                out = [
-                    adst_targets(c, shrink_ratio=r, thresh_min=t_min, thresh_max=t_max, num_threads=args.threads)
-                    for c in chunks
-                ]
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                return out
+            rates = {}
+            new = []
+            for engine in ("opencv", "torch"):
 
-            ours_rate, ours_cpu = time_method(run_ours, args.masks, args.repeats)
-            outs = run_ours()
-            core = np.concatenate([to_numpy(c) for c, _ in outs])
-            border = np.concatenate([to_numpy(b) for _, b in outs])
-            ours_agreement = agreement(core, border, reference)
-            new = [
-                Row(size, batch, "adst_targets (OpenCV)", ours_rate, ours_cpu, ours_rate / scipy_rate, *ours_agreement),
-                Row(size, batch, "scipy exact reference", scipy_rate, scipy_cpu, 1.0, 1.0, 0.0),
-            ]
+                def run_ours(
+                    chunks: list[torch.Tensor] = chunks, engine: str = engine
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                    out = [
+                        adst_targets(
+                            c,
+                            shrink_ratio=r,
+                            thresh_min=t_min,
+                            thresh_max=t_max,
+                            num_threads=args.threads,
+                            engine=engine,
+                        )
+                        for c in chunks
+                    ]
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    return out
+
+                rate, cpu_us = time_method(run_ours, args.masks, args.repeats)
+                rates[engine] = rate
+                outs = run_ours()
+                core = np.concatenate([to_numpy(c) for c, _ in outs])
+                border = np.concatenate([to_numpy(b) for _, b in outs])
+                method = f"adst_targets ({'OpenCV' if engine == 'opencv' else 'torch'})"
+                new.append(
+                    Row(size, batch, method, rate, cpu_us, rate / scipy_rate, *agreement(core, border, reference))
+                )
+            print(
+                f"  batch {batch:>3} torch / OpenCV engine: {rates['torch']:.1f} / {rates['opencv']:.1f} masks/s"
+                f" = x{rates['torch'] / rates['opencv']:.3f}"
+            )
+            new.append(Row(size, batch, "scipy exact reference", scipy_rate, scipy_cpu, 1.0, 1.0, 0.0))
             if pyclipper is not None:
                 speedup = polygon_rate / scipy_rate
                 new.append(

@@ -1,0 +1,121 @@
+"""DataLoader-side target building: :class:`ADSTTargetCollate` builds the ADST targets in the worker processes.
+
+>>> loader = DataLoader(dataset, batch_size=16, num_workers=4, collate_fn=ADSTTargetCollate())
+>>> for images, masks, (core, border) in loader:
+...     ...
+
+The targets (see :mod:`adst_plugin.targets`) then cost nothing on the training step's critical path: they are built
+on the CPU workers, in parallel with the step, and travel to the device with the batch (``pin_memory`` applies to
+them too). Build them *after* augmentation, i.e. here and not in the dataset's cache, so they always match the masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from adst_plugin.constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
+from adst_plugin.targets import _check_params, adst_targets
+
+__all__ = ["ADSTTargetCollate"]
+
+_WHERE = "ADSTTargetCollate"
+
+
+class ADSTTargetCollate:
+    """Collate ``(image, mask)`` samples and add the ADST targets ``(core, border)`` of the batch's masks.
+
+    Use it as a ``DataLoader``'s ``collate_fn``: the targets are computed in the worker processes (or in the main
+    process with ``num_workers=0``) with exactly :func:`~adst_plugin.targets.adst_targets`. Picklable, so it works
+    with every worker start method (``fork``, ``spawn``, ``forkserver``).
+
+    Args:
+        collate_fn: Collates the list of samples into ``(images, masks)``; default
+            :func:`torch.utils.data.default_collate`.
+        shrink_ratio: DBNet shrink ratio ``r`` in ``(0, 1)``.
+        thresh_min: Border value far from any boundary, ``0 <= thresh_min < thresh_max``.
+        thresh_max: Border value on a boundary, ``thresh_max <= 1``.
+        num_threads: Threads over the batch for the OpenCV engine; ``None`` uses ``torch.get_num_threads()``
+            (1 inside DataLoader workers, which already run in parallel).
+        engine: ``"auto"``, ``"opencv"`` or ``"torch"``, as in :func:`~adst_plugin.targets.adst_targets`
+            (collated masks are CPU tensors, so ``"auto"`` is the OpenCV engine).
+
+    Shape:
+        samples: a sequence of ``(image, mask)`` pairs; each mask ``(1, H, W)``, binary (bool, ``{0, 1}`` or uint8
+        ``{0, 255}``). -> ``(images, masks, (core, border))``: whatever ``collate_fn`` makes of the images, masks
+        ``(B, 1, H, W)`` as collated, and ``core`` / ``border`` float32 ``(B, 1, H, W)``.
+
+    Raises:
+        TypeError, ValueError: at construction on invalid parameters; at call time on samples that are not
+        ``(image, mask)`` pairs or masks that are not ``(1, H, W)`` binary masks.
+    """
+
+    def __init__(
+        self,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        *,
+        shrink_ratio: float = SHRINK_RATIO,
+        thresh_min: float = THRESH_MIN,
+        thresh_max: float = THRESH_MAX,
+        num_threads: int | None = None,
+        engine: str = "auto",
+    ) -> None:
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"{_WHERE}: expected collate_fn to be callable or None, got {type(collate_fn).__name__}")
+        _check_params(shrink_ratio, thresh_min, thresh_max, num_threads, engine, _WHERE)
+        self.collate_fn = default_collate if collate_fn is None else collate_fn
+        self.shrink_ratio = float(shrink_ratio)
+        self.thresh_min = float(thresh_min)
+        self.thresh_max = float(thresh_max)
+        self.num_threads = num_threads
+        self.engine = engine
+
+    def __repr__(self) -> str:
+        name = getattr(self.collate_fn, "__name__", type(self.collate_fn).__name__)
+        return (
+            f"{type(self).__name__}(collate_fn={name}, shrink_ratio={self.shrink_ratio}, "
+            f"thresh_min={self.thresh_min}, thresh_max={self.thresh_max}, num_threads={self.num_threads}, "
+            f"engine={self.engine!r})"
+        )
+
+    def __call__(self, samples: Sequence[Any]) -> tuple[Any, Tensor, tuple[Tensor, Tensor]]:
+        if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence) or len(samples) == 0:
+            raise TypeError(f"{_WHERE}: expected a non-empty list of (image, mask) samples, got {_describe(samples)}")
+        for i, sample in enumerate(samples):
+            if isinstance(sample, (str, bytes)) or not isinstance(sample, Sequence) or len(sample) != 2:
+                raise TypeError(
+                    f"{_WHERE}: expected every sample to be an (image, mask) pair, got {_describe(sample)} at "
+                    f"index {i}. Return (image, mask) from the dataset, or wrap its output in a custom collate_fn."
+                )
+        collated = self.collate_fn(list(samples))
+        if not isinstance(collated, Sequence) or len(collated) != 2:
+            raise TypeError(f"{_WHERE}: expected collate_fn to return (images, masks), got {_describe(collated)}")
+        images, masks = collated
+        if not isinstance(masks, Tensor):
+            raise TypeError(f"{_WHERE}: expected the collated masks to be a torch.Tensor, got {_describe(masks)}")
+        if masks.ndim == 3:
+            raise ValueError(
+                f"{_WHERE}: expected each mask of shape (1, H, W), got {tuple(masks.shape[1:])}. "
+                "Add the channel dim in the dataset, e.g. mask[None]."
+            )
+        targets = adst_targets(
+            masks,
+            shrink_ratio=self.shrink_ratio,
+            thresh_min=self.thresh_min,
+            thresh_max=self.thresh_max,
+            num_threads=self.num_threads,
+            engine=self.engine,
+        )
+        return images, masks, targets
+
+
+def _describe(obj: object) -> str:
+    """Short type (and length / shape) of ``obj`` for error messages."""
+    if isinstance(obj, Tensor):
+        return f"Tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, (list, tuple)):
+        return f"{type(obj).__name__} of length {len(obj)}"
+    return type(obj).__name__

@@ -1,0 +1,130 @@
+"""Pure tensor functions behind the ADST loss terms and the head's gradient path.
+
+Every term here has a stated minimiser (its target), checked by ``tests/test_functional.py`` on discs,
+rings and two-lesion masks:
+
+======================  ==================================  =============================================
+term                    inputs                              minimised by
+======================  ==================================  =============================================
+``core_loss``           main logits, core map               main > 0 exactly on the core
+``threshold_loss``      threshold logits T, border map      sigmoid(T) = border on the border band
+``binarization_loss``   mask logits, T, mask                sigmoid(logits) > T exactly on the mask
+``boundary_loss``       mask logits, mask, border map       the mask on every band pixel
+``edge_loss`` (paper)   edge map, border map                *not* the mask (kept for the paper preset)
+======================  ==================================  =============================================
+
+Computations are done in float32 (safe under autocast); every function returns a scalar.
+"""
+
+from __future__ import annotations
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "band_weights",
+    "binarization_loss",
+    "boundary_loss",
+    "core_loss",
+    "edge_loss",
+    "grad_scale",
+    "threshold_loss",
+]
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``scale`` in the backward pass.
+
+    ``scale = 0`` is ``x.detach()``, ``scale = 1`` is ``x``. Compile- and DDP-safe (plain autograd ops).
+
+    Example:
+        >>> x = torch.ones(2, requires_grad=True); grad_scale(x, 0.25).sum().backward(); x.grad
+        tensor([0.2500, 0.2500])
+    """
+    if scale == 1.0:
+        return x
+    detached = x.detach()
+    if scale == 0.0:
+        return detached
+    return detached + scale * (x - detached)
+
+
+def band_weights(border: Tensor, thresh_min: float, thresh_max: float) -> Tensor:
+    """The border band as weights: 1 on a lesion boundary, falling linearly to 0 at distance D.
+
+    Args:
+        border: border map (B, 1, H, W) in [thresh_min, thresh_max].
+    Returns:
+        (B, 1, H, W) in [0, 1]; 0 farther than D from every boundary (and everywhere for empty masks).
+    """
+    band = ((border.float() - thresh_min) / (thresh_max - thresh_min)).clamp_(0.0, 1.0)
+    return band.masked_fill_(border.float() >= thresh_max, 1.0)  # exactly 1 (the ratio rounds to 1 - 6e-8)
+
+
+def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
+    # Normalised by the band's mass; 0 (with a gradient path) when the batch has no band at all.
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def core_loss(main_logits: Tensor, core: Tensor) -> Tensor:
+    """BCE of the main map against the core map: ``(B, 1, H, W), (B, 1, H, W) -> ()``."""
+    return F.binary_cross_entropy_with_logits(main_logits.float(), core.float())
+
+
+def edge_loss(edge: Tensor, border: Tensor) -> Tensor:
+    """The paper's edge term: BCE of the Laplacian edge map against the border map.
+
+    Its minimiser is an edge map equal to the border map in [0.3, 0.7]; taken of the mask logits, that is
+    *not* the mask, so confident correct logits are penalised. Kept for ``preset="paper"`` only.
+    """
+    return F.binary_cross_entropy_with_logits(edge.float(), border.float())
+
+
+def threshold_loss(threshold_logits: Tensor, border: Tensor, band: Tensor) -> Tensor:
+    """L1 of sigmoid(T) against the border map, averaged over the border band (DBNet's threshold loss).
+
+    Args:
+        threshold_logits: T logits (B, 1, H, W).
+        border: border map (B, 1, H, W).
+        band: band weights (B, 1, H, W) from :func:`band_weights`; DBNet uses the band's indicator.
+    """
+    thresh = torch.sigmoid(threshold_logits.float())
+    return _weighted_mean((thresh - border.float()).abs(), (band > 0).float())
+
+
+_DICE = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
+
+
+def binarization_loss(
+    mask_logits: Tensor, threshold_logits: Tensor, mask: Tensor, steepness: float, detach_threshold: bool = True
+) -> Tensor:
+    """Dice loss of the differentiable binarisation ``B = sigmoid(k (P - T))`` against the mask (as DBNet's code).
+
+    P = sigmoid(mask logits) is the exported model's own probability, so the gradient reaches the exported
+    logits, through ``dB/dP = k B (1 - B)``: largest where P is close to the threshold, i.e. at ambiguous
+    boundary pixels. For any fixed T in (0, 1) the loss decreases as P moves towards the mask. Dice (not
+    BCE) keeps the term in [0, 1] although k = 50 makes B's logits large.
+
+    Args:
+        mask_logits, threshold_logits, mask: (B, 1, H, W); ``mask`` in {0, 1}.
+        steepness: k (DBNet: 50).
+        detach_threshold: T enters detached (this term then trains the logits only).
+    """
+    thresh = torch.sigmoid(threshold_logits.float())
+    if detach_threshold:
+        thresh = thresh.detach()
+    logits = steepness * (torch.sigmoid(mask_logits.float()) - thresh)
+    return _DICE(logits, mask.float())
+
+
+def boundary_loss(mask_logits: Tensor, mask: Tensor, band: Tensor) -> Tensor:
+    """BCE of the mask logits weighted by the border band, averaged over the band's mass.
+
+    The weights come from the exact per-lesion distances of the targets (1 on the boundary, 0 at D), so
+    the term concentrates the mask loss where lesion edges are decided. Minimised by the mask on every band
+    pixel; pixels farther than D from every boundary carry no weight (the mask term covers them).
+    """
+    bce = F.binary_cross_entropy_with_logits(mask_logits.float(), mask.float(), reduction="none")
+    return _weighted_mean(bce, band)

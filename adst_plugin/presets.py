@@ -1,0 +1,185 @@
+"""Named ADST configurations: the one source of every head and loss default.
+
+An :class:`ADSTConfig` says how the head is built (where it reads, how its gradient reaches the model, what
+its fused map means) and how :class:`~adst_plugin.ADSTLoss` weighs each term. ``wrap_with_adst(model,
+preset=..., **overrides)`` builds the head from it, and the loss reads the same object from the model, so a
+choice is made once.
+
+Presets:
+
+* ``"adst"`` (default): the export-aware head. The SACA main map reads the live decoder features
+  (``feature_grad=1``) and is supervised by the core map (deep supervision); the fused map is a DBNet
+  threshold map T, read from the main map and a *detached* Laplacian cue of the prediction and supervised
+  by the border map inside the border band; the model's own probability is binarised against T
+  (``B = sigmoid(k (P - T))``) and supervised by the mask; and a band-weighted BCE sharpens the exported
+  logits at the lesion boundary. Each term's minimum is its target, and each reaches the exported weights
+  (docs/design.md, "What trains what").
+* ``"paper"``: the reference formulation (AdSTNet): main map vs core, Laplacian of the mask logits vs the
+  border map (BCE), fused map vs the mask, every term training the decoder.
+* ``"legacy"``: ``"paper"`` with detached features, the default of adst-plugin 0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .constants import DB_STEEPNESS, HEAD_STRIDE, HIDDEN_CHANNELS, SHRINK_RATIO, THRESH_MAX, THRESH_MIN
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "EDGE_INPUTS",
+    "FUSED_ROLES",
+    "HEAD_INPUTS",
+    "LOSS_WEIGHTS",
+    "PRESETS",
+    "ADSTConfig",
+    "get_config",
+]
+
+#: What the head reads: the output of the ``features`` submodule, or the mask logits (1 channel).
+HEAD_INPUTS = ("features", "logits")
+#: What the Laplacian edge map is taken of: the mask logits (paper, trained through), or the detached
+#: probabilities sigmoid(logits) (a cue for the threshold map that no loss can push on).
+EDGE_INPUTS = ("logits", "probs")
+#: What the fused map is: mask logits (paper) or the logits of a DBNet threshold map T.
+FUSED_ROLES = ("mask", "threshold")
+#: The loss-weight fields of :class:`ADSTConfig`, in the order of ``ADSTLoss.last_terms``.
+LOSS_WEIGHTS = ("w_mask", "w_core", "w_edge", "w_fused", "w_threshold", "w_binary", "w_boundary")
+
+
+@dataclass(frozen=True)
+class ADSTConfig:
+    """Everything that defines an ADST head and its loss. Build one with :func:`get_config`.
+
+    Head:
+        head_input: ``"features"`` (the ``features`` submodule's output) or ``"logits"`` (the mask logits).
+        features: dotted path of the submodule the head reads (``head_input="features"``).
+        hidden_channels: width of the main and fusion branches (SACA's group/split constraints apply).
+        head_stride: the main branch and the fusion run at <= 1/head_stride of the mask size; their
+            outputs are resized bilinearly (smooth, no sub-pixel checkerboard).
+        feature_grad: gradient scale from the head into the tapped features, in [0, 1]: 0 detaches them
+            (the head trains alone), 1 is full deep supervision. The forward value is unchanged.
+        edge_input: see :data:`EDGE_INPUTS`.
+        fused_role: see :data:`FUSED_ROLES`.
+        db_steepness: k of the binarisation ``sigmoid(k (P - T))``.
+        detach_threshold: T enters the binarisation detached, so the binary term trains the model's logits
+            only and T is shaped by the border map alone.
+
+    Loss weights (0 switches a term off; a term that does not apply to the role must be 0):
+        w_mask: base loss on the mask logits.
+        w_core: BCE of the main map against the core map.
+        w_edge: BCE of the Laplacian edge map against the border map (paper; needs ``edge_input="logits"``).
+        w_fused: base loss of the fused map against the mask (``fused_role="mask"``).
+        w_threshold: L1 of sigmoid(T) against the border map inside the border band (``"threshold"``).
+        w_binary: BCE of the binarisation ``sigmoid(k (P - T))`` against the mask (``"threshold"``).
+        w_boundary: BCE of the mask logits weighted by the border band (1 on the boundary, 0 at D).
+
+    Targets:
+        shrink_ratio, thresh_min, thresh_max: see :mod:`adst_plugin.targets`.
+    """
+
+    head_input: str = "features"
+    features: str = "decoder"
+    hidden_channels: int = HIDDEN_CHANNELS
+    head_stride: int = HEAD_STRIDE
+    feature_grad: float = 1.0
+    edge_input: str = "probs"
+    fused_role: str = "threshold"
+    db_steepness: float = DB_STEEPNESS
+    detach_threshold: bool = True
+    w_mask: float = 1.0
+    w_core: float = 1.0
+    w_edge: float = 0.0
+    w_fused: float = 0.0
+    w_threshold: float = 10.0
+    w_binary: float = 1.0
+    w_boundary: float = 1.0
+    shrink_ratio: float = SHRINK_RATIO
+    thresh_min: float = THRESH_MIN
+    thresh_max: float = THRESH_MAX
+
+    def __post_init__(self) -> None:
+        where = "ADSTConfig"
+        for name, valid in (("head_input", HEAD_INPUTS), ("edge_input", EDGE_INPUTS), ("fused_role", FUSED_ROLES)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{where}: unknown {name} {getattr(self, name)!r}; valid options are {valid}")
+        if not isinstance(self.head_stride, int) or isinstance(self.head_stride, bool) or self.head_stride < 1:
+            raise ValueError(f"{where}: expected head_stride to be an int >= 1, got {self.head_stride!r}")
+        if not 0.0 <= float(self.feature_grad) <= 1.0:
+            raise ValueError(f"{where}: expected 0 <= feature_grad <= 1, got {self.feature_grad!r}")
+        if not self.db_steepness > 0:
+            raise ValueError(f"{where}: expected db_steepness > 0, got {self.db_steepness!r}")
+        for name in LOSS_WEIGHTS:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{where}: expected {name} >= 0, got {getattr(self, name)!r}")
+        needs = {
+            "w_edge": ("edge_input", "logits"),
+            "w_fused": ("fused_role", "mask"),
+            "w_threshold": ("fused_role", "threshold"),
+            "w_binary": ("fused_role", "threshold"),
+        }
+        for weight, (field, value) in needs.items():
+            if getattr(self, weight) > 0 and getattr(self, field) != value:
+                raise ValueError(
+                    f"{where}: {weight}={getattr(self, weight)} needs {field}={value!r}, got {getattr(self, field)!r}. "
+                    f"Set {weight}=0 or {field}={value!r}."
+                )
+        if not 0.0 < self.shrink_ratio < 1.0:
+            raise ValueError(f"{where}: expected 0 < shrink_ratio < 1, got {self.shrink_ratio!r}")
+        if not 0.0 <= self.thresh_min < self.thresh_max <= 1.0:
+            raise ValueError(
+                f"{where}: expected 0 <= thresh_min < thresh_max <= 1, got {self.thresh_min!r}, {self.thresh_max!r}"
+            )
+
+    def replace(self, **overrides: Any) -> ADSTConfig:
+        """A copy with some fields changed; unknown names raise a ``TypeError`` that lists the valid ones."""
+        valid = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise TypeError(f"ADSTConfig: unknown option(s) {unknown}; valid options are {valid}")
+        return dataclasses.replace(self, **overrides)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for run configs and logs)."""
+        return dataclasses.asdict(self)
+
+
+#: The named configurations; see the module docstring.
+PRESETS: dict[str, ADSTConfig] = {
+    "adst": ADSTConfig(),
+    "paper": ADSTConfig(
+        edge_input="logits",
+        fused_role="mask",
+        w_edge=1.0,
+        w_fused=1.0,
+        w_threshold=0.0,
+        w_binary=0.0,
+        w_boundary=0.0,
+    ),
+}
+PRESETS["legacy"] = PRESETS["paper"].replace(feature_grad=0.0)
+
+#: The preset ``wrap_with_adst`` uses when none is named (chosen on validation: docs/results.md).
+DEFAULT_PRESET = "adst"
+
+
+def get_config(preset: str | ADSTConfig = DEFAULT_PRESET, **overrides: Any) -> ADSTConfig:
+    """A preset by name (or an :class:`ADSTConfig`) with ``overrides`` applied.
+
+    Raises:
+        KeyError: unknown preset name (the message lists the valid ones).
+        TypeError: unknown override name.
+        ValueError: an invalid value or an inconsistent combination.
+    Example:
+        >>> get_config("paper", feature_grad=0.0) == PRESETS["legacy"]
+        True
+    """
+    if isinstance(preset, ADSTConfig):
+        base = preset
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise KeyError(f"get_config: unknown preset {preset!r}; valid presets are {sorted(PRESETS)}")
+    return base.replace(**overrides) if overrides else base
