@@ -44,9 +44,11 @@ class ADSTTargetCollate:
             (collated masks are CPU tensors, so ``"auto"`` is the OpenCV engine).
 
     Shape:
-        samples: a sequence of ``(image, mask)`` pairs; each mask ``(1, H, W)``, binary (bool, ``{0, 1}`` or uint8
-        ``{0, 255}``). -> ``(images, masks, (core, border))``: whatever ``collate_fn`` makes of the images, masks
-        ``(B, 1, H, W)`` as collated, and ``core`` / ``border`` float32 ``(B, 1, H, W)``.
+        samples: a sequence of ``(image, mask)`` pairs (or of tuples whose last item is the mask, e.g.
+        ``(index, image, mask)``); each mask ``(1, H, W)``, binary (bool, ``{0, 1}`` or uint8 ``{0, 255}``).
+        -> ``(images, masks, (core, border))`` (or ``(*other_fields, masks, (core, border))``): whatever
+        ``collate_fn`` makes of the other fields, masks ``(B, 1, H, W)`` as collated, and ``core`` / ``border``
+        float32 ``(B, 1, H, W)``.
 
     Raises:
         TypeError, ValueError: at construction on invalid parameters; at call time on samples that are not
@@ -81,19 +83,28 @@ class ADSTTargetCollate:
             f"engine={self.engine!r})"
         )
 
-    def __call__(self, samples: Sequence[Any]) -> tuple[Any, Tensor, tuple[Tensor, Tensor]]:
+    def __call__(self, samples: Sequence[Any]) -> tuple[Any, ...]:
         if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence) or len(samples) == 0:
             raise TypeError(f"{_WHERE}: expected a non-empty list of (image, mask) samples, got {_describe(samples)}")
         for i, sample in enumerate(samples):
-            if isinstance(sample, (str, bytes)) or not isinstance(sample, Sequence) or len(sample) != 2:
+            if isinstance(sample, (str, bytes)) or not isinstance(sample, Sequence) or len(sample) < 2:
                 raise TypeError(
-                    f"{_WHERE}: expected every sample to be an (image, mask) pair, got {_describe(sample)} at "
-                    f"index {i}. Return (image, mask) from the dataset, or wrap its output in a custom collate_fn."
+                    f"{_WHERE}: expected every sample to be an (image, mask) pair (or a tuple ending with the mask), "
+                    f"got {_describe(sample)} at index {i}. Return (image, mask) from the dataset, or wrap its output "
+                    "in a custom collate_fn."
+                )
+            if len(sample) != len(samples[0]):
+                raise TypeError(
+                    f"{_WHERE}: expected every sample to have the same number of fields ({len(samples[0])}), "
+                    f"got {_describe(sample)} at index {i}"
                 )
         collated = self.collate_fn(list(samples))
-        if not isinstance(collated, Sequence) or len(collated) != 2:
-            raise TypeError(f"{_WHERE}: expected collate_fn to return (images, masks), got {_describe(collated)}")
-        images, masks = collated
+        if not isinstance(collated, Sequence) or len(collated) != len(samples[0]):
+            raise TypeError(
+                f"{_WHERE}: expected collate_fn to return one batch per sample field ({len(samples[0])}), "
+                f"got {_describe(collated)}"
+            )
+        *rest, masks = collated
         if not isinstance(masks, Tensor):
             raise TypeError(f"{_WHERE}: expected the collated masks to be a torch.Tensor, got {_describe(masks)}")
         if masks.ndim == 3:
@@ -109,7 +120,7 @@ class ADSTTargetCollate:
             num_threads=self.num_threads,
             engine=self.engine,
         )
-        return images, masks, targets
+        return (*rest, masks, targets)
 
 
 def _describe(obj: object) -> str:

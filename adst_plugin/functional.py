@@ -18,7 +18,6 @@ Computations are done in float32 (safe under autocast); every function returns a
 
 from __future__ import annotations
 
-import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -94,18 +93,16 @@ def threshold_loss(threshold_logits: Tensor, border: Tensor, band: Tensor) -> Te
     return _weighted_mean((thresh - border.float()).abs(), (band > 0).float())
 
 
-_DICE = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
-
-
 def binarization_loss(
     mask_logits: Tensor, threshold_logits: Tensor, mask: Tensor, steepness: float, detach_threshold: bool = True
 ) -> Tensor:
-    """Dice loss of the differentiable binarisation ``B = sigmoid(k (P - T))`` against the mask (as DBNet's code).
+    """BCE of the differentiable binarisation ``B = sigmoid(k (P - T))`` against the mask, scaled by 1/k.
 
     P = sigmoid(mask logits) is the exported model's own probability, so the gradient reaches the exported
-    logits, through ``dB/dP = k B (1 - B)``: largest where P is close to the threshold, i.e. at ambiguous
-    boundary pixels. For any fixed T in (0, 1) the loss decreases as P moves towards the mask. Dice (not
-    BCE) keeps the term in [0, 1] although k = 50 makes B's logits large.
+    logits: ``d/dP = B - y``, i.e. a BCE in P's space that is sharpened at the threshold. Divided by k, the term
+    is a smooth hinge on the margin ``P - T``: about ``|P - T|`` on the wrong side, ~0 once the margin is
+    ``>> 1/k``; its gradient never vanishes for confidently wrong pixels (a Dice on B would, like exp(-k |P - T|)).
+    For any fixed T in (0, 1) the loss decreases as P moves towards the mask.
 
     Args:
         mask_logits, threshold_logits, mask: (B, 1, H, W); ``mask`` in {0, 1}.
@@ -116,7 +113,7 @@ def binarization_loss(
     if detach_threshold:
         thresh = thresh.detach()
     logits = steepness * (torch.sigmoid(mask_logits.float()) - thresh)
-    return _DICE(logits, mask.float())
+    return F.binary_cross_entropy_with_logits(logits, mask.float()) / steepness
 
 
 def boundary_loss(mask_logits: Tensor, mask: Tensor, band: Tensor) -> Tensor:

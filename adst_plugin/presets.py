@@ -14,9 +14,10 @@ Presets:
   (``B = sigmoid(k (P - T))``) and supervised by the mask; and a band-weighted BCE sharpens the exported
   logits at the lesion boundary. Each term's minimum is its target, and each reaches the exported weights
   (docs/design.md, "What trains what").
-* ``"paper"``: the reference formulation (AdSTNet): main map vs core, Laplacian of the mask logits vs the
-  border map (BCE), fused map vs the mask, every term training the decoder.
-* ``"legacy"``: ``"paper"`` with detached features, the default of adst-plugin 0.1.
+* ``"paper"``: the reference formulation (AdSTNet): the head reads the model's 1-channel output (the mask
+  logits); main map vs core, Laplacian of the mask logits vs the border map (BCE), fused map vs the mask, every
+  term training the model.
+* ``"legacy"``: the default of adst-plugin 0.1: ``"paper"``'s terms on detached decoder features.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class ADSTConfig:
 PRESETS: dict[str, ADSTConfig] = {
     "adst": ADSTConfig(),
     "paper": ADSTConfig(
+        head_input="logits",
         edge_input="logits",
         fused_role="mask",
         w_edge=1.0,
@@ -159,7 +161,7 @@ PRESETS: dict[str, ADSTConfig] = {
         w_boundary=0.0,
     ),
 }
-PRESETS["legacy"] = PRESETS["paper"].replace(feature_grad=0.0)
+PRESETS["legacy"] = PRESETS["paper"].replace(head_input="features", feature_grad=0.0)
 
 #: The preset ``wrap_with_adst`` uses when none is named (chosen on validation: docs/results.md).
 DEFAULT_PRESET = "adst"
@@ -173,7 +175,7 @@ def get_config(preset: str | ADSTConfig = DEFAULT_PRESET, **overrides: Any) -> A
         TypeError: unknown override name.
         ValueError: an invalid value or an inconsistent combination.
     Example:
-        >>> get_config("paper", feature_grad=0.0) == PRESETS["legacy"]
+        >>> get_config("paper", head_input="features", feature_grad=0.0) == PRESETS["legacy"]
         True
     """
     if isinstance(preset, ADSTConfig):

@@ -8,9 +8,12 @@ SCConv (Li et al., "SCConv: Spatial and Channel Reconstruction Convolution", CVP
 * CRU, channel reconstruction: split channels (alpha), squeeze both parts, a rich group-wise +
   point-wise transform on one and a cheap point-wise one on the other, then a softmax-pooled fuse.
 
-Unlike the reference code, SRU gates softly below the threshold (``torch.where``), so the GroupNorm
-parameters always stay in the autograd graph (DDP needs no ``find_unused_parameters``), and the
-channel constraints are validated up front with a message that lists valid widths.
+SRU gates as the reference code does: ``torch.where`` sets gates above the threshold to 1 (informative)
+and 0 (redundant) and passes the gates below it softly, as their value. The GroupNorm weight and bias get a
+gradient, through the normalised features and the channel weights ``gamma / sum(gamma)`` (in the reference
+too; same outputs for the same weights), so DDP needs no ``find_unused_parameters``. The one difference is
+that the channel constraints are validated up front, with a message that lists valid widths, instead of
+failing inside a convolution.
 """
 
 from __future__ import annotations

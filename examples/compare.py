@@ -3,6 +3,7 @@
 ::
 
     python examples/compare.py --dataset busi --root ../shared/data/Dataset_BUSI_with_GT --seeds 3 --epochs 50
+    python -m examples.compare ...                       # the same, from the repository root
 
 Every flag compare.py does not know is passed to train.py (``--arch``, ``--encoder``, ``--img-size``,
 ``--batch-size``, ``--limit``, ...). Runs go to ``OUT/{baseline,adst}-seed<S>``; a run whose ``metrics.json``
@@ -28,12 +29,10 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train.py and its modules, when imported from elsewhere
-
-import lesion_data as ld
-import lesion_metrics as lm
-import train
-import train_utils as tu
+from adst_examples import train
+from adst_examples.data import DATASET_NAMES
+from adst_examples.metrics import METRIC_NAMES
+from adst_examples.training.checkpoints import write_json
 
 __all__ = ["VARIANTS", "aggregate", "build_parser", "format_markdown", "main"]
 
@@ -53,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train baseline and ADST for several seeds and compare their test metrics.",
         epilog="Any other flag is passed to train.py (see `python examples/train.py --help`).",
     )
-    p.add_argument("--dataset", default="synthetic", choices=ld.DATASET_NAMES)
+    p.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1")
     p.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds (overrides --seeds)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the shared split")
     p.add_argument("--out", help="comparison folder [runs/compare-<dataset>]")
-    p.add_argument("--adst-flags", default="", help="extra train.py flags for the ADST runs only, e.g. '--tap logits'")
+    p.add_argument(
+        "--adst-flags", default="", help="extra train.py flags for the ADST runs only, e.g. '--preset paper'"
+    )
     p.add_argument(
         "--tag",
         default="",
@@ -79,7 +80,7 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]], key: str = "test") -> 
     out: dict[str, dict[str, Any]] = {}
     for variant, by_seed in runs.items():
         rows = [result[key] for _, result in sorted(by_seed.items()) if key in result]
-        out[variant] = {m: _mean_std([row[m]["mean"] for row in rows]) for m in lm.METRIC_NAMES}
+        out[variant] = {m: _mean_std([row[m]["mean"] for row in rows]) for m in METRIC_NAMES}
         out[variant]["s_per_epoch"] = _mean_std([r["timing"]["s_per_epoch"] for r in by_seed.values()])
     return out
 
@@ -163,7 +164,7 @@ def _paired_table(paired: dict[str, Any], title: str) -> list[str]:
 
 
 def _glue_adst_flags(argv: list[str]) -> list[str]:
-    """``--adst-flags --no-feature-grad`` → ``--adst-flags=--no-feature-grad``: argparse would read the value as
+    """``--adst-flags --no-detach-threshold`` → ``--adst-flags=--no-detach-threshold``: argparse would read the value as
     an option of its own ("expected one argument") whenever it starts with a dash and has no space."""
     out = list(argv)
     for i, arg in enumerate(out[:-1]):
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if int(os.environ.get("RANK", "0")) == 0:
         name = f"comparison-{args.tag}" if args.tag else "comparison"
         (out / f"{name}.md").write_text(markdown, encoding="utf-8")
-        tu.write_json(out / f"{name}.json", report)
+        write_json(out / f"{name}.json", report)
         print(markdown, flush=True)
     return report
 

@@ -1,7 +1,7 @@
 """Train an smp segmentation model with (default) or without (``--no-adst``) the ADST auxiliary head.
 
-``python examples/train.py`` with no arguments trains an ADST Unet on the built-in synthetic data into
-``runs/synthetic-adst`` in a few minutes on a laptop CPU. Real data::
+``python examples/train.py`` (or ``python -m examples.train``) with no arguments trains an ADST Unet on the built-in
+synthetic data into ``runs/synthetic-adst`` in a few minutes on a laptop CPU. Real data::
 
     python examples/train.py --dataset busi --root ../shared/data/Dataset_BUSI_with_GT --epochs 100 --out runs/busi-adst
     torchrun --nproc_per_node=2 examples/train.py --dataset kvasir --root data/Kvasir-SEG   # DDP
@@ -15,7 +15,6 @@ evaluated on the test split (``metrics.json``, ``overlays.png``). See docs/examp
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -31,31 +30,49 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-try:
-    import adst_plugin
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import adst_plugin
-
-import lesion_data as ld
-import lesion_metrics as lm
-import train_utils as tu
-
-from adst_plugin import ADSTLoss, DiceBCELoss, wrap_with_adst
-from adst_plugin import constants as C
-from adst_plugin.head import FUSIONS
-from adst_plugin.wrapper import TAPS
+import adst_plugin
+from adst_examples.data import (
+    DATASET_NAMES,
+    DATASETS,
+    LesionSplit,
+    build_dataset,
+    datasets_needing,
+    get_or_create_split,
+    split_indices,
+    train_transforms,
+)
+from adst_examples.metrics import METRIC_NAMES, MeanStd, MetricAccumulator
+from adst_examples.training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    epoch_seed,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    write_json,
+    write_log,
+)
+from adst_examples.training.distributed import (
+    DistContext,
+    describe_device,
+    resolve_amp,
+    resolve_device,
+    setup_distributed,
+    teardown_distributed,
+)
+from adst_examples.training.loop import Optimisation, evaluate, fade_factor, head_maps, make_loader, train_one_epoch
+from adst_examples.training.models import add_model_arguments, build_criterion, build_model, count_params, export_model
+from adst_examples.training.plots import OverlayRow, plot_curves, plot_overlays
 
 __all__ = ["UsageError", "build_parser", "main", "parse_args"]
 
-ARCHS: dict[str, str] = {key: cls.__name__ for key, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
-#: Dataset-dependent defaults (synthetic: small and quick, so the no-argument run takes minutes on a CPU).
-DEFAULT_IMG_SIZE = {"synthetic": 128}
-DEFAULT_EPOCHS = {"synthetic": 8}
-DEFAULT_LR = {"synthetic": 1e-3}
+#: Defaults of --img-size, --epochs and --lr: the synthetic data's are small, so the no-argument run takes minutes.
+DEFAULTS: dict[str, Any] = {"img_size": 256, "epochs": 100, "lr": 3e-4}
+SYNTHETIC_DEFAULTS: dict[str, Any] = {"img_size": 128, "epochs": 8, "lr": 1e-3}
 #: Flags that may change when resuming (they do not change the computation's result on the same device).
 RUNTIME_KEYS = frozenset({"resume", "device", "workers", "no_progress", "stop_after_epoch", "out", "amp"})
 OVERLAY_IMAGES = 6
@@ -68,26 +85,6 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _arch(name: str) -> str:
-    key = name.lower()
-    if key not in ARCHS:
-        raise argparse.ArgumentTypeError(f"unknown architecture {name!r}; valid: {', '.join(ARCHS.values())}")
-    return ARCHS[key]
-
-
-def _encoder(name: str) -> str:
-    known = smp.encoders.get_encoder_names()
-    if name not in known and not name.startswith("tu-"):
-        raise argparse.ArgumentTypeError(
-            f"unknown encoder {name!r}; valid: {', '.join(known)} or any timm model as 'tu-<name>'"
-        )
-    return name
-
-
-def _weights(value: str) -> str | None:
-    return None if value.lower() in ("", "none", "null") else value
 
 
 def _positive(value: str) -> int:
@@ -104,33 +101,28 @@ def _non_negative(value: str) -> int:
     return number
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # Show real defaults only; dataset-dependent ones are written as "[...]" in the help text.
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        default = action.default
-        if default is None or default is False or default in ("", argparse.SUPPRESS) or "[" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+def _by_dataset(key: str) -> str:
+    return f"[synthetic {SYNTHETIC_DEFAULTS[key]}, else {DEFAULTS[key]}]"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface (see docs/examples.md, "Training CLI")."""
+    """The command-line interface (see docs/examples.md, "Training CLI"); defaults are shown as ``[...]``."""
     p = argparse.ArgumentParser(
         prog="train.py",
         allow_abbrev=False,
         description="Train an smp model with or without the ADST auxiliary head, then export and test it.",
-        formatter_class=_HelpFormatter,
     )
+    root_users, folder_users = "/".join(datasets_needing("root")), "/".join(datasets_needing("images"))
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=ld.DATASET_NAMES, help="dataset loader")
-    g.add_argument("--root", help="dataset folder (busi, isic2018, kvasir)")
-    g.add_argument("--images", help="images folder (--dataset folder)")
-    g.add_argument("--masks", help="masks folder (--dataset folder)")
+    g.add_argument("--dataset", default="synthetic", choices=DATASET_NAMES, help="dataset loader [%(default)s]")
+    g.add_argument("--root", help=f"dataset folder (--dataset {root_users})")
+    g.add_argument("--images", help=f"images folder (--dataset {folder_users})")
+    g.add_argument("--masks", help=f"masks folder (--dataset {folder_users})")
     g.add_argument("--mask-suffix", default="", help="mask file stem suffix, e.g. _mask (--dataset folder)")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image channels (--dataset folder)")
-    g.add_argument("--synthetic-n", type=_positive, default=200, help="number of synthetic images")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image channels (folder) [%(default)s]")
+    g.add_argument("--synthetic-n", type=_positive, default=200, help="number of synthetic images [%(default)s]")
     g.add_argument("--limit", type=_positive, help="use only N samples (seeded random subset; smoke tests)")
-    g.add_argument("--img-size", type=_positive, help="square input size, multiple of 32 [synthetic 128, else 256]")
+    g.add_argument("--img-size", type=_positive, help=f"square input size, multiple of 32 {_by_dataset('img_size')}")
     g.add_argument("--split-file", help="train/val/test split JSON, created if missing [RUN_DIR/split.json]")
     g.add_argument("--split-seed", type=_non_negative, help="seed of a new split [--seed]")
     normal = g.add_mutually_exclusive_group()
@@ -143,57 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="BUSI: leave 'normal' images out of train/val (test is always reported with and without them)",
     )  # fmt: skip
 
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", type=_arch, default="Unet", help=f"smp architecture: {', '.join(ARCHS.values())}")
-    g.add_argument("--encoder", type=_encoder, default="resnet34", help="smp encoder name")
-    g.add_argument("--encoder-weights", type=_weights, default=None, help="e.g. imagenet (needs a download)")
-
-    g = p.add_argument_group("ADST head and loss")
-    g.add_argument("--no-adst", action="store_true", help="train the plain model (baseline)")
-    g.add_argument("--tap", choices=TAPS, default="decoder", help="what the head reads")
-    g.add_argument("--head-stride", type=_positive, default=C.HEAD_STRIDE, help="head working stride (1 = paper)")
-    g.add_argument("--fusion", choices=FUSIONS, default="convglu", help="fusion of main and edge maps")
-    g.add_argument("--hidden-channels", type=_positive, default=C.HIDDEN_CHANNELS, help="head width")
-    g.add_argument("--aux-weight", type=float, default=1.0, help="multiplies w_main, w_edge and w_fused")
-    g.add_argument("--aux-fade", choices=("none", "cosine", "linear"), default="none",
-                   help="fade the auxiliary terms from 1 (first epoch) to 0 (last epoch)")  # fmt: skip
-    g.add_argument(
-        "--feature-grad",
-        action=argparse.BooleanOptionalAction,
-        default=C.FEATURE_GRAD,
-        help="the head's main/fused losses also train the tapped features (off by default, see docs/results.md)",
-    )
-    g.add_argument("--w-main", type=float, default=C.W_MAIN, help="weight of the main (core map) term")
-    g.add_argument("--w-edge", type=float, default=C.W_EDGE, help="weight of the edge (border map) term")
-    g.add_argument("--w-fused", type=float, default=C.W_FUSED, help="weight of the fused term")
-    g.add_argument(
-        "--base-loss",
-        choices=("dicebce", "bce"),
-        default="dicebce",
-        help="loss on the mask (and fused) logits, for baseline and ADST alike",
-    )
-    g.add_argument(
-        "--fused-loss",
-        choices=("base", "dicebce", "bce"),
-        default="base",
-        help="loss on the fused logits only (ADST); base = same as --base-loss",
-    )
+    add_model_arguments(p)
+    p.add_argument_group("ADST head and loss (defaults: the preset's values, see adst_plugin/presets.py)").add_argument(
+        "--aux-fade", choices=("none", "cosine", "linear"), default="none",
+        help="fade the auxiliary terms from 1 (first epoch) to 0 (last epoch) [%(default)s]",
+    )  # fmt: skip
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive, help="epochs [synthetic 8, else 100]")
-    g.add_argument("--batch-size", type=_positive, default=8, help="per-process batch size")
-    g.add_argument("--lr", type=float, help="peak learning rate [synthetic 1e-3, else 3e-4]")
-    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR = lr * ratio (cosine per step)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled (AdamW) or L2 (Adam)")
-    g.add_argument("--optimizer", choices=("adamw", "adam"), default="adamw", help="optimizer")
+    g.add_argument("--epochs", type=_positive, help=f"epochs {_by_dataset('epochs')}")
+    g.add_argument("--batch-size", type=_positive, default=8, help="per-process batch size [%(default)s]")
+    g.add_argument("--lr", type=float, help=f"peak learning rate {_by_dataset('lr')}")
+    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR = lr * ratio (cosine) [%(default)s]")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW: decoupled, Adam: L2 [%(default)s]")
+    g.add_argument("--optimizer", choices=("adamw", "adam"), default="adamw", help="optimizer [%(default)s]")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--out", help="run folder [runs/<dataset>-adst or runs/<dataset>-baseline]")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if available")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA if any [%(default)s]")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="autocast: auto = bf16 (or fp16 + GradScaler) on CUDA, off on CPU")  # fmt: skip
-    g.add_argument("--workers", type=_non_negative, default=2, help="DataLoader workers per process")
-    g.add_argument("--seed", type=_non_negative, default=0, help="seeds init, shuffling and augmentation")
+                   help="autocast: auto = bf16 (or fp16 + GradScaler) on CUDA, off on CPU [%(default)s]")  # fmt: skip
+    g.add_argument("--workers", type=_non_negative, default=2, help="DataLoader workers per process [%(default)s]")
+    g.add_argument("--seed", type=_non_negative, default=0, help="seeds init, shuffling, augmentation [%(default)s]")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt with RUN_DIR/config.json")
     g.add_argument("--max-steps", type=_positive, help="at most N optimizer steps per epoch (smoke tests)")
@@ -208,8 +170,6 @@ def _merge_saved_config(args: argparse.Namespace, parser: argparse.ArgumentParse
     if not (run_dir / "last.pt").is_file() or not path.is_file():
         parser.error(f"--resume: no run to resume in '{run_dir}' (needs last.pt and config.json)")
     saved = json.loads(path.read_text(encoding="utf-8"))["args"]
-    if "no_feature_grad" in saved:  # runs from before --feature-grad became a --[no-]feature-grad pair
-        saved["feature_grad"] = not saved.pop("no_feature_grad")
     for key, value in saved.items():
         if key in RUNTIME_KEYS or not hasattr(args, key):
             continue
@@ -220,6 +180,21 @@ def _merge_saved_config(args: argparse.Namespace, parser: argparse.ArgumentParse
         setattr(args, key, value)
 
 
+def _check_dataset_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Folder flags that the dataset needs are given, and no flag of another dataset is (it would be ignored)."""
+    entry = DATASETS[args.dataset]
+    given = {"root": args.root, "images": args.images, "masks": args.masks}
+    if any(given[arg] is None for arg in entry.needs):
+        parser.error(f"--dataset {args.dataset} needs {' and '.join(f'--{arg} DIR' for arg in entry.needs)}")
+    for arg, value in given.items():
+        if value is not None and arg not in entry.needs:
+            users = "/".join(datasets_needing(arg))
+            parser.error(f"--{arg} is not used by --dataset {args.dataset}; did you mean --dataset {users}?")
+    if not args.include_normal and entry.cls.lesion_free_tag is None:  # type: ignore[attr-defined]
+        users = "/".join(name for name, e in DATASETS.items() if e.cls.lesion_free_tag)  # type: ignore[attr-defined]
+        parser.error(f"--exclude-normal only applies to --dataset {users}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fill dataset-dependent defaults. Exits with a usage message on bad flags."""
     parser = build_parser()
@@ -228,150 +203,85 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.out = str(Path(args.out) if args.out else Path("runs") / f"{args.dataset}-{variant}")
     if args.resume:
         _merge_saved_config(args, parser, Path(args.out))
-    if args.dataset == "folder" and (args.images is None or args.masks is None):
-        parser.error("--dataset folder needs --images DIR and --masks DIR")
-    if args.dataset in ("busi", "isic2018", "kvasir") and args.root is None:
-        parser.error(f"--dataset {args.dataset} needs --root DIR (the dataset folder)")
-    # Flags of another dataset would be ignored silently (e.g. --root without --dataset trains on synthetic data).
-    if args.root is not None and args.dataset not in ("busi", "isic2018", "kvasir"):
-        parser.error(f"--root is not used by --dataset {args.dataset}; did you mean --dataset busi/isic2018/kvasir?")
-    if (args.images or args.masks) and args.dataset != "folder":
-        parser.error("--images/--masks are only used by --dataset folder")
-    if not args.include_normal and args.dataset != "busi":
-        parser.error("--exclude-normal only applies to --dataset busi")
-    args.img_size = args.img_size or DEFAULT_IMG_SIZE.get(args.dataset, 256)
-    args.epochs = args.epochs or DEFAULT_EPOCHS.get(args.dataset, 100)
-    args.lr = DEFAULT_LR.get(args.dataset, 3e-4) if args.lr is None else args.lr
+    _check_dataset_flags(args, parser)
+    defaults = SYNTHETIC_DEFAULTS if args.dataset == "synthetic" else DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.split_seed = args.seed if args.split_seed is None else args.split_seed
     if args.img_size % 32:
         parser.error(f"--img-size: expected a multiple of 32 (smp encoders downsample 32x), got {args.img_size}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available; use --device cpu or auto")
-    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.amp == "fp16" and not on_cuda:
-        parser.error("--amp fp16 needs CUDA; on CPU use --amp bf16 or --amp off")
-    for name in ("lr", "weight_decay", "aux_weight", "min_lr_ratio", "w_main", "w_edge", "w_fused"):
+    try:
+        resolve_amp(args.amp, resolve_device(args.device))
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name in ("lr", "weight_decay", "min_lr_ratio"):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name.replace('_', '-')}: expected a number >= 0, got {getattr(args, name)}")
     return args
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Data and model
+# Data
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Data:
-    """The three splits (``TransformedSubset``s: ``names``, ``tags``, ``in_channels``) and their source."""
+    """The three splits and where they come from."""
 
-    train: ld.TransformedSubset
-    val: ld.TransformedSubset
-    test: ld.TransformedSubset
+    train: LesionSplit
+    val: LesionSplit
+    test: LesionSplit
     split: dict[str, list[str]]
     in_channels: int
+    #: The dataset's tag of lesion-free images (BUSI ``normal``): test metrics are also reported without them.
+    lesion_free_tag: str | None
 
 
-def build_data(args: argparse.Namespace, ctx: tu.DistContext) -> Data:
-    """Dataset → optional ``--limit`` subset → split (rank 0 creates ``split.json``) → train/val/test subsets."""
+def build_data(args: argparse.Namespace, ctx: DistContext) -> Data:
+    """Dataset → optional ``--limit`` subset → split (rank 0 creates ``split.json``) → train/val/test splits."""
     kwargs: dict[str, Any] = {}
     if args.dataset == "synthetic":
         kwargs = {"n": min(args.synthetic_n, args.limit or args.synthetic_n)}
     elif args.dataset == "folder":
         kwargs = {"mask_suffix": args.mask_suffix, "channels": args.channels}
     try:
-        dataset: Any = ld.build_dataset(
+        dataset: Any = build_dataset(
             args.dataset, root=args.root, images=args.images, masks=args.masks, img_size=args.img_size, **kwargs
         )
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
+    pool = list(range(len(dataset)))  # the samples that enter the split
     if args.limit and len(dataset) > args.limit:
         rng = np.random.default_rng(args.split_seed)
-        dataset = ld.TransformedSubset(dataset, sorted(rng.choice(len(dataset), args.limit, replace=False).tolist()))
+        pool = sorted(rng.choice(len(dataset), args.limit, replace=False).tolist())
+    names = [dataset.names[i] for i in pool]
+    labels = [dataset.tags[i] for i in pool] if dataset.stratify_by_tag else None
     split_file = Path(args.split_file) if args.split_file else Path(args.out) / "split.json"
-    labels = dataset.tags if args.dataset == "busi" else None  # stratify BUSI by class
     split: dict[str, list[str]] = {}
     for rank_turn in (True, False):  # rank 0 writes the file first, the others then read it
         if ctx.is_main == rank_turn:
             try:
-                split = ld.get_or_create_split(dataset.names, split_file, seed=args.split_seed, labels=labels)
+                split = get_or_create_split(names, split_file, seed=args.split_seed, labels=labels)
             except (FileNotFoundError, ValueError) as exc:
                 raise UsageError(str(exc)) from exc
         ctx.barrier()
-    indices = ld.split_indices(dataset.names, split)
-    if args.dataset == "busi" and not args.include_normal:
+    indices = split_indices(dataset.names, split)
+    lesion_free = dataset.lesion_free_tag
+    if lesion_free is not None and not args.include_normal:
         for key in ("train", "val"):
-            indices[key] = [i for i in indices[key] if dataset.tags[i] != "normal"]
+            indices[key] = [i for i in indices[key] if dataset.tags[i] != lesion_free]
     empty = [key for key, idx in indices.items() if not idx]
     if empty:
-        raise UsageError(f"split {empty} is empty ({len(dataset)} samples); use more data or a larger --limit")
-    transform = ld.train_transforms(dataset.in_channels, args.img_size)
+        raise UsageError(f"split {empty} is empty ({len(pool)} samples); use more data or a larger --limit")
     return Data(
-        train=ld.TransformedSubset(dataset, indices["train"], transform),
-        val=ld.TransformedSubset(dataset, indices["val"]),
-        test=ld.TransformedSubset(dataset, indices["test"]),
+        train=LesionSplit(dataset, indices["train"], train_transforms(dataset.in_channels, args.img_size)),
+        val=LesionSplit(dataset, indices["val"]),
+        test=LesionSplit(dataset, indices["test"]),
         split=split,
         in_channels=dataset.in_channels,
-    )
-
-
-def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
-    """The smp model, wrapped with the ADST head unless ``--no-adst``."""
-    model = smp.create_model(
-        args.arch, encoder_name=args.encoder, encoder_weights=args.encoder_weights, in_channels=in_channels, classes=1
-    )
-    if args.no_adst:
-        return model
-    return wrap_with_adst(
-        model,
-        tap=args.tap,
-        head_stride=args.head_stride,
-        fusion=args.fusion,
-        hidden_channels=args.hidden_channels,
-        feature_grad=args.feature_grad,
-    )
-
-
-def build_criterion(args: argparse.Namespace) -> ADSTLoss:
-    """ADSTLoss; on the baseline's plain logits it is the same Dice + BCE mask loss alone."""
-    w = args.aux_weight
-    losses = {"dicebce": DiceBCELoss, "bce": nn.BCEWithLogitsLoss}
-    base = losses[args.base_loss]()
-    fused = None if args.fused_loss == "base" else losses[args.fused_loss]()
-    return ADSTLoss(base, fused_loss=fused, w_main=w * args.w_main, w_edge=w * args.w_edge, w_fused=w * args.w_fused)
-
-
-def make_loader(
-    subset: ld.TransformedSubset,
-    args: argparse.Namespace,
-    ctx: tu.DistContext,
-    *,
-    train: bool,
-    generator: Any,
-    target_kwargs: dict[str, float] | None = None,
-) -> DataLoader:
-    """Loader of ``(index, image, mask)``; DistributedSampler under DDP (padded, so evaluation drops duplicates).
-
-    With ``target_kwargs`` each batch also carries its ADST ``(core, border)`` targets, built in the workers.
-    """
-    dataset = tu.IndexedDataset(subset)
-    sampler: Any
-    if ctx.distributed:
-        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=train, seed=args.seed)
-    elif train:
-        sampler = RandomSampler(dataset, generator=generator)
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        sampler=sampler,
-        num_workers=args.workers,
-        pin_memory=ctx.device.type == "cuda",
-        drop_last=train and len(sampler) >= args.batch_size,  # no 1-image BatchNorm batches
-        worker_init_fn=tu.worker_init_fn,
-        generator=generator,  # also seeds the workers: augmentation does not depend on the global RNG
-        collate_fn=None if target_kwargs is None else tu.TargetCollate(**target_kwargs),
+        lesion_free_tag=lesion_free,
     )
 
 
@@ -380,24 +290,40 @@ def make_loader(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
+class Net:
+    """The model being trained and its loss."""
+
+    #: What is saved, evaluated and exported.
+    raw: nn.Module
+    #: What the training step calls: ``raw``'s DDP wrapper under DDP, else ``raw`` itself.
+    trained: nn.Module
+    #: What :func:`~adst_examples.training.models.build_criterion` returned.
+    criterion: nn.Module
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """The three loaders; ``train_gen`` is reseeded every epoch (shuffle and worker seeds)."""
+
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    train_gen: torch.Generator
+    steps_per_epoch: int
+
+
+@dataclass(frozen=True)
 class Session:
-    """Everything a run builds once: data, model (``raw`` and, under DDP, its DDP wrapper), optimisation, loaders."""
+    """Everything a run builds once, in :func:`setup`; never reassigned."""
 
     args: argparse.Namespace
-    ctx: tu.DistContext
+    ctx: DistContext
     run_dir: Path
     data: Data
-    raw: nn.Module
-    model: nn.Module
-    criterion: ADSTLoss
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    amp_dtype: torch.dtype | None
-    train_gen: torch.Generator
-    loaders: dict[str, DataLoader]
-    steps_per_epoch: int
+    net: Net
+    opt: Optimisation
+    loaders: Loaders
 
     @property
     def adst(self) -> bool:
@@ -422,7 +348,7 @@ class Session:
 
 @dataclass
 class TrainState:
-    """What ``last.pt`` carries besides model/optimizer/scheduler/scaler states."""
+    """What changes from epoch to epoch, and what ``last.pt`` carries besides the module states."""
 
     next_epoch: int = 1
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -435,53 +361,70 @@ def _amp_name(dtype: torch.dtype | None) -> str:
     return str(dtype).replace("torch.", "") if dtype else "off"
 
 
-def _summary_dict(summary: dict[str, lm.MeanStd]) -> dict[str, dict[str, float]]:
+def _summary_dict(summary: dict[str, MeanStd]) -> dict[str, dict[str, float]]:
     return {m: {"mean": s.mean, "std": s.std, "n": s.n} for m, s in summary.items()}
 
 
-def setup(args: argparse.Namespace, ctx: tu.DistContext) -> Session:
-    """Seed, build data/model/optimizer/cosine schedule/scaler/loaders (the model is not DDP-wrapped yet)."""
+def setup(args: argparse.Namespace, ctx: DistContext) -> Session:
+    """Seed, build data/model (DDP-wrapped under DDP)/optimizer/cosine schedule/scaler/loaders."""
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
         torch.use_deterministic_algorithms(True, warn_only=True)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.deterministic
-    amp_dtype = tu.resolve_amp(args.amp, ctx.device)
+    amp_dtype = resolve_amp(args.amp, ctx.device)
     run_dir = Path(args.out)
-    tu.seed_everything(args.seed)
+    seed_everything(args.seed)
     data = build_data(args, ctx)  # before creating the run folder: bad data leaves nothing behind
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     raw = build_model(args, data.in_channels).to(ctx.device)
-    tu.seed_everything(args.seed + ctx.rank)  # ranks differ in augmentation only; DDP copies rank 0's weights
+    seed_everything(args.seed + ctx.rank)  # ranks differ in augmentation only; DDP copies rank 0's weights
+    trained = raw
+    if ctx.distributed:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        trained = DistributedDataParallel(raw, device_ids=ids, find_unused_parameters=False)
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    criterion = build_criterion(args, raw)
+    loader_kwargs: dict[str, Any] = {"batch_size": args.batch_size, "workers": args.workers, "seed": args.seed}
     train_gen = torch.Generator()
-    criterion = build_criterion(args)
-    target_kwargs = None if args.no_adst else criterion.target_kwargs  # ADST targets come from the workers
-    loaders = {
-        "train": make_loader(data.train, args, ctx, train=True, generator=train_gen, target_kwargs=target_kwargs)
-    }
-    for key in ("val", "test"):  # own fixed generator: evaluation never draws from the global RNG
-        loaders[key] = make_loader(getattr(data, key), args, ctx, train=False, generator=torch.Generator())
-    steps = min(len(loaders["train"]), args.max_steps or len(loaders["train"]))
-    total = steps * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: tu.cosine_factor(s, total, args.min_lr_ratio))
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype is torch.float16)
+    # ADST runs: the workers build the loss's targets.
+    train = make_loader(
+        data.train, ctx, train=True, generator=train_gen, criterion=None if args.no_adst else criterion, **loader_kwargs
+    )
+    # Evaluation loaders get their own fixed generator: evaluation never draws from the global RNG.
+    val = make_loader(data.val, ctx, train=False, generator=torch.Generator(), **loader_kwargs)
+    test = make_loader(data.test, ctx, train=False, generator=torch.Generator(), **loader_kwargs)
+    steps = min(len(train), args.max_steps or len(train))
+    # Per-step cosine from lr down to lr * min_lr_ratio. Old checkpoints' LambdaLR state loads into it unchanged.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=steps * args.epochs, eta_min=args.lr * args.min_lr_ratio
+    )
     return Session(
-        args, ctx, run_dir, data, raw, raw, criterion, optimizer, scheduler, scaler, amp_dtype,
-        train_gen, loaders, steps,
-    )  # fmt: skip
+        args=args,
+        ctx=ctx,
+        run_dir=run_dir,
+        data=data,
+        net=Net(raw=raw, trained=trained, criterion=criterion),
+        opt=Optimisation(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype is torch.float16),
+            amp_dtype=amp_dtype,
+        ),
+        loaders=Loaders(train=train, val=val, test=test, train_gen=train_gen, steps_per_epoch=steps),
+    )
 
 
 def restore(s: Session) -> TrainState:
     """Load ``last.pt`` into the session; returns where to continue (RNG states are applied later)."""
-    ckpt = tu.load_checkpoint(s.run_dir / "last.pt")
-    s.raw.load_state_dict(ckpt["model"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
-    s.scheduler.load_state_dict(ckpt["scheduler"])
-    if s.scaler.is_enabled() and ckpt["scaler"]:
-        s.scaler.load_state_dict(ckpt["scaler"])
+    ckpt = load_checkpoint(s.run_dir / "last.pt")
+    s.net.raw.load_state_dict(ckpt["model"])
+    s.opt.optimizer.load_state_dict(ckpt["optimizer"])
+    s.opt.scheduler.load_state_dict(ckpt["scheduler"])
+    if s.opt.scaler.is_enabled() and ckpt["scaler"]:
+        s.opt.scaler.load_state_dict(ckpt["scaler"])
     rngs = ckpt["rng"]
     s.log(f"resuming {s.run_dir} after epoch {ckpt['epoch']} (best val Dice {ckpt['best_score']:.4f})")
     return TrainState(
@@ -493,31 +436,31 @@ def restore(s: Session) -> TrainState:
     )
 
 
-def run_epoch(s: Session, state: TrainState, epoch: int) -> tuple[dict[str, Any], dict[str, lm.MeanStd]]:
+def run_epoch(s: Session, state: TrainState, epoch: int) -> tuple[dict[str, Any], dict[str, MeanStd]]:
     """Train one epoch and validate; appends the log row to ``state.history`` and updates the best score."""
     args, t0 = s.args, time.perf_counter()
-    s.criterion.aux_scale = tu.fade_factor(args.aux_fade, epoch - 1, args.epochs)
+    aux_scale = fade_factor(args.aux_fade, epoch - 1, args.epochs)
     # Shuffle order and worker seeds from (seed, epoch, rank) alone, so a resumed epoch replays exactly.
-    s.train_gen.manual_seed(tu.epoch_seed(args.seed, epoch, s.ctx.rank))
-    sampler = s.loaders["train"].sampler
+    s.loaders.train_gen.manual_seed(epoch_seed(args.seed, epoch, s.ctx.rank))
+    sampler = s.loaders.train.sampler
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
     row: dict[str, Any] = {"epoch": epoch}
-    row |= tu.train_one_epoch(
-        s.model, s.loaders["train"], s.criterion, s.optimizer, s.scheduler, s.scaler, s.ctx, s.amp_dtype,
-        steps=s.steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", progress=s.progress,
+    row |= train_one_epoch(
+        s.net.trained, s.loaders.train, s.net.criterion, s.opt, s.ctx,
+        steps=s.loaders.steps_per_epoch, aux_scale=aux_scale, desc=f"epoch {epoch}/{args.epochs}", progress=s.progress,
     )  # fmt: skip
-    val, val_loss = tu.evaluate(
-        s.raw, s.loaders["val"], s.data.val.names, s.data.val.tags, s.ctx, s.amp_dtype, ("dice", "iou"), s.criterion,
-        desc="val", progress=s.progress,
+    val, val_loss = evaluate(
+        s.net.raw, s.loaders.val, s.ctx, s.opt.amp_dtype,
+        metrics=("dice", "iou"), criterion=s.net.criterion, desc="val", progress=s.progress,
     )  # fmt: skip
     summary = val.summary()
     is_best = state.best_epoch == 0 or summary["dice"].mean > state.best_score
     if is_best:
         state.best_score, state.best_epoch = summary["dice"].mean, epoch
     row |= {
-        "lr": s.scheduler.get_last_lr()[0],
-        "aux_scale": s.criterion.aux_scale if s.adst else None,
+        "lr": s.opt.scheduler.get_last_lr()[0],
+        "aux_scale": aux_scale if s.adst else None,
         "val_loss": val_loss,
         "val_dice": summary["dice"].mean,
         "val_iou": summary["iou"].mean,
@@ -531,27 +474,27 @@ def run_epoch(s: Session, state: TrainState, epoch: int) -> tuple[dict[str, Any]
     return row, summary
 
 
-def save_epoch(s: Session, state: TrainState, row: dict[str, Any], val: dict[str, lm.MeanStd]) -> None:
+def save_epoch(s: Session, state: TrainState, row: dict[str, Any], val: dict[str, MeanStd]) -> None:
     """``best.pt`` (if best), ``last.pt``, logs and curves. Every rank calls it (RNG states are gathered)."""
-    rng = s.ctx.all_gather_object(tu.get_rng_state(s.ctx.device))  # after everything that drew random numbers
+    rng = s.ctx.all_gather_object(get_rng_state(s.ctx.device))  # after everything that drew random numbers
     if not s.ctx.is_main:
         return
-    base = {"format": tu.CHECKPOINT_FORMAT, "epoch": row["epoch"], "model": s.raw.state_dict()}
+    base = {"format": CHECKPOINT_FORMAT, "epoch": row["epoch"], "model": s.net.raw.state_dict()}
     meta = {"config": vars(s.args), "adst": s.adst}
     if row["is_best"]:
-        tu.save_checkpoint(s.run_dir / "best.pt", {**base, "val": _summary_dict(val), **meta})
+        save_checkpoint(s.run_dir / "best.pt", {**base, "val": _summary_dict(val), **meta})
     last = {
-        "optimizer": s.optimizer.state_dict(),
-        "scheduler": s.scheduler.state_dict(),
-        "scaler": s.scaler.state_dict(),
+        "optimizer": s.opt.optimizer.state_dict(),
+        "scheduler": s.opt.scheduler.state_dict(),
+        "scaler": s.opt.scaler.state_dict(),
         "best_score": state.best_score,
         "best_epoch": state.best_epoch,
         "history": state.history,
         "rng": rng,
     }
-    tu.save_checkpoint(s.run_dir / "last.pt", {**base, **last, **meta})
-    tu.write_log(s.run_dir, state.history)
-    tu.plot_curves(state.history, s.run_dir / "curves.png", s.name)
+    save_checkpoint(s.run_dir / "last.pt", {**base, **last, **meta})
+    write_log(s.run_dir, state.history)
+    plot_curves(state.history, s.run_dir / "curves.png", s.name)
     terms = " ".join(f"{k[6:]} {v:.4f}" for k, v in row.items() if k.startswith("train_") and k != "train_dice")
     s.log(
         f"epoch {row['epoch']}/{s.args.epochs}  loss[{terms}]  val Dice {row['val_dice']:.4f} IoU {row['val_iou']:.4f}"
@@ -562,18 +505,17 @@ def save_epoch(s: Session, state: TrainState, row: dict[str, Any], val: dict[str
 def export_best(s: Session) -> nn.Module:
     """Best-on-val weights → plain smp model → ``exported/`` (rank 0) → reloaded with ``smp.from_pretrained``."""
     s.ctx.barrier()  # best.pt is complete
-    s.raw.load_state_dict(tu.load_checkpoint(s.run_dir / "best.pt")["model"])
+    s.net.raw.load_state_dict(load_checkpoint(s.run_dir / "best.pt")["model"])
     export_dir = s.run_dir / "exported"
     if s.ctx.is_main:
-        plain = s.raw.export() if s.adst else copy.deepcopy(s.raw).eval()
-        plain = plain.cpu()
+        plain = export_model(s.net.raw).cpu()
         plain.config["encoder_weights"] = None  # the weights are in the folder: reloading downloads nothing
         plain.save_pretrained(str(export_dir), dataset=s.args.dataset)
     s.ctx.barrier()
     return smp.from_pretrained(str(export_dir)).to(s.ctx.device).eval()
 
 
-def _overlays(s: Session, exported: nn.Module, test: lm.MetricAccumulator) -> None:
+def _overlays(s: Session, exported: nn.Module, test: MetricAccumulator) -> None:
     """A few evenly spaced test images: image, truth, exported model's prediction, ADST maps of the best wrapper."""
     dice = dict(zip(test.names, test.values["dice"], strict=True))
     count = min(OVERLAY_IMAGES, len(s.data.test))
@@ -581,45 +523,44 @@ def _overlays(s: Session, exported: nn.Module, test: lm.MetricAccumulator) -> No
     rows = []
     with torch.no_grad():
         for i in picks:
-            image, mask = s.data.test[i]
+            _, image, mask = s.data.test[i]
             batch = image[None].to(s.ctx.device)
             prob = exported(batch).float().sigmoid()[0, 0].cpu().numpy()
-            maps = {}
-            if s.adst:
-                out = s.raw.eval().forward_adst(batch)
-                maps = {k: getattr(out, k).float().sigmoid()[0, 0].cpu().numpy() for k in ("main", "edge", "fused")}
+            maps = {key: value[0, 0].cpu().numpy() for key, value in head_maps(s.net.raw, batch).items()}
             img = image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image[0].numpy()
             name = s.data.test.names[i]
-            rows.append(tu.OverlayRow(name, img, mask[0].numpy(), prob, dice.get(name, math.nan), maps))
-    tu.plot_overlays(rows, s.run_dir / "overlays.png", f"{s.name}, test split")
+            rows.append(
+                OverlayRow(
+                    name=name, image=img, target=mask[0].numpy(), prob=prob, dice=dice.get(name, math.nan), maps=maps
+                )
+            )
+    plot_overlays(rows, s.run_dir / "overlays.png", f"{s.name}, test split")
 
 
 def final_test(s: Session, state: TrainState, timing: dict[str, float], t_start: float) -> dict[str, Any]:
     """Test metrics of the reloaded exported model; rank 0 writes metrics.json, overlays.png and the model card."""
     t0 = time.perf_counter()
     exported = export_best(s)
-    test, _ = tu.evaluate(
-        exported, s.loaders["test"], s.data.test.names, s.data.test.tags, s.ctx, s.amp_dtype,
-        desc="test", progress=s.progress,
-    )  # fmt: skip
+    test, _ = evaluate(exported, s.loaders.test, s.ctx, s.opt.amp_dtype, desc="test", progress=s.progress)
     order = {name: i for i, name in enumerate(s.data.test.names)}
     keep = sorted(range(len(test)), key=lambda i: order[test.names[i]])  # split order, whatever the ranks did
     per_image: dict[str, list[Any]] = {"name": [test.names[i] for i in keep], "tag": [test.tags[i] for i in keep]}
-    per_image |= {m: [test.values[m][i] for i in keep] for m in lm.METRIC_NAMES}
-    best = tu.load_checkpoint(s.run_dir / "best.pt")
+    per_image |= {m: [test.values[m][i] for i in keep] for m in METRIC_NAMES}
+    best = load_checkpoint(s.run_dir / "best.pt")
+    lesion_free = s.data.lesion_free_tag
     result: dict[str, Any] = {
         "dataset": s.args.dataset,
         "variant": "adst" if s.adst else "baseline",
         "run_dir": str(s.run_dir),
         "test": _summary_dict(test.summary()),
     }
-    if s.args.dataset == "busi":
-        result["test_without_normal"] = _summary_dict(test.summary(exclude={"normal"}))
+    if lesion_free is not None:
+        result[f"test_without_{lesion_free}"] = _summary_dict(test.summary(exclude={lesion_free}))
     result |= {
         "best_epoch": best["epoch"],
         "best_val": best["val"],
         "per_image": per_image,
-        "params": {"train": tu.count_parameters(s.raw), "exported": tu.count_parameters(exported)},
+        "params": {"train": count_params(s.net.raw), "exported": count_params(exported)},
         "timing": {
             **timing,
             "s_per_epoch": float(np.mean([row["time_s"] for row in state.history])),
@@ -627,7 +568,7 @@ def final_test(s: Session, state: TrainState, timing: dict[str, float], t_start:
         },
         "world_size": s.ctx.world_size,
         "device": str(s.ctx.device),
-        "amp": _amp_name(s.amp_dtype),
+        "amp": _amp_name(s.opt.amp_dtype),
         "config": vars(s.args),
     }
     if s.ctx.is_main:
@@ -635,10 +576,10 @@ def final_test(s: Session, state: TrainState, timing: dict[str, float], t_start:
         means = {m: round(v["mean"], 4) for m, v in result["test"].items()}
         exported.generate_model_card(metrics=means, dataset=s.args.dataset).save(str(s.run_dir / "exported/README.md"))
         result["timing"]["total_s_this_session"] = time.perf_counter() - t_start
-        tu.write_json(s.run_dir / "metrics.json", result)
+        write_json(s.run_dir / "metrics.json", result)
         s.log(f"test ({len(test)} images): {test.format()}")
-        if s.args.dataset == "busi":
-            s.log(f"test without normal: {test.format(exclude={'normal'})}")
+        if lesion_free is not None:
+            s.log(f"test without {lesion_free}: {test.format(exclude={lesion_free})}")
     s.ctx.barrier()
     return result
 
@@ -648,7 +589,8 @@ def _config(s: Session) -> dict[str, Any]:
         "args": vars(s.args),
         "world_size": s.ctx.world_size,
         "device": str(s.ctx.device),
-        "amp": _amp_name(s.amp_dtype),
+        "machine": describe_device(s.ctx.device),
+        "amp": _amp_name(s.opt.amp_dtype),
         "in_channels": s.data.in_channels,
         "sizes": {"train": len(s.data.train), "val": len(s.data.val), "test": len(s.data.test)},
         "versions": {"torch": torch.__version__, "smp": smp.__version__, "adst_plugin": adst_plugin.__version__},
@@ -656,7 +598,7 @@ def _config(s: Session) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace, ctx: tu.DistContext) -> dict[str, Any]:
+def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     """Train, select on val, export, reload, test. Returns the metrics dict (on every rank)."""
     t_start = time.perf_counter()
     s = setup(args, ctx)
@@ -665,17 +607,14 @@ def run(args: argparse.Namespace, ctx: tu.DistContext) -> dict[str, Any]:
     else:
         state = TrainState()
         if ctx.is_main:
-            tu.write_json(s.run_dir / "config.json", _config(s))
-    if ctx.distributed:
-        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        s.model = DistributedDataParallel(s.raw, device_ids=ids, find_unused_parameters=False)
+            write_json(s.run_dir / "config.json", _config(s))
     s.log(
-        f"{s.name}: {args.arch}/{args.encoder} ({tu.count_parameters(s.raw) / 1e6:.2f} M params), train "
+        f"{s.name}: {args.arch}/{args.encoder} ({count_params(s.net.raw) / 1e6:.2f} M params), train "
         f"{len(s.data.train)} / val {len(s.data.val)} / test {len(s.data.test)} at {args.img_size}px, "
-        f"{ctx.world_size} x {ctx.device}, amp {_amp_name(s.amp_dtype)} → {s.run_dir}"
+        f"{ctx.world_size} x {ctx.device}, amp {_amp_name(s.opt.amp_dtype)} → {s.run_dir}"
     )
     if state.rng is not None:
-        tu.set_rng_state(state.rng, ctx.device)  # last: nothing after this may draw before the first epoch
+        set_rng_state(state.rng, ctx.device)  # last: nothing after this may draw before the first epoch
     t_train = time.perf_counter()
     for epoch in range(state.next_epoch, args.epochs + 1):
         row, val = run_epoch(s, state, epoch)
@@ -690,11 +629,11 @@ def run(args: argparse.Namespace, ctx: tu.DistContext) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the metrics dict (or ``{"stopped_after_epoch": k, ...}``)."""
     args = parse_args(argv)
-    ctx = tu.setup_distributed(args.device)
+    ctx = setup_distributed(args.device)
     try:
         return run(args, ctx)
     finally:
-        tu.teardown_distributed(ctx)
+        teardown_distributed(ctx)
 
 
 if __name__ == "__main__":

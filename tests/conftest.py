@@ -1,8 +1,7 @@
-"""Shared fixtures: device/dtype and tiny smp models built without downloads."""
+"""Shared fixtures: the device and tiny smp models built without downloads; paths of the checkout."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,13 +10,10 @@ import segmentation_models_pytorch as smp
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The examples package (installed as adst_examples), for tests that run its scripts as files.
 EXAMPLES_DIR = ROOT / "examples"
 #: ../shared/data beside the checkout (absent on a user's machine: tests that need it skip).
 SHARED_DATA = ROOT.parent / "shared" / "data"
-
-# The example scripts are plain modules (lesion_data, lesion_metrics, train, compare), not a package.
-if str(EXAMPLES_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES_DIR))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -25,11 +21,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
-
-
-@pytest.fixture(params=[torch.float32, torch.float64])
-def dtype(request: pytest.FixtureRequest) -> torch.dtype:
-    return request.param
 
 
 def tiny_unet(in_channels: int = 3, encoder_name: str = "resnet18", **kwargs) -> torch.nn.Module:

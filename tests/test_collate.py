@@ -85,11 +85,23 @@ def test_bad_samples() -> None:
     image, mask = torch.zeros(3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool)
     with pytest.raises(TypeError, match="non-empty list of"):
         collate([])
-    with pytest.raises(TypeError, match=r"\(image, mask\) pair, got tuple of length 3 at index 1"):
+    with pytest.raises(TypeError, match=r"same number of fields \(2\), got tuple of length 3 at index 1"):
         collate([(image, mask), (0, image, mask)])
+    with pytest.raises(TypeError, match=r"\(image, mask\) pair .*got tuple of length 1 at index 0"):
+        collate([(image,)])
     with pytest.raises(ValueError, match=r"each mask of shape \(1, H, W\), got \(8, 8\)"):
         collate([(image, mask[0])])
     with pytest.raises(ValueError, match="binary mask"):
         collate([(image, torch.full((1, 8, 8), 0.5))])
     with pytest.raises(TypeError, match="collate_fn to return"):
         ADSTTargetCollate(lambda s: s[0][0])([(image, mask)])
+
+
+def test_extra_leading_fields_are_collated_and_kept() -> None:
+    image = torch.zeros(3, 8, 8)
+    masks = [torch.zeros(1, 8, 8, dtype=torch.bool) for _ in range(2)]
+    masks[1][0, 2:6, 2:6] = True
+    index, images, _, (core, border) = ADSTTargetCollate()([(7, image, masks[0]), (9, image, masks[1])])
+    assert index.tolist() == [7, 9] and images.shape == (2, 3, 8, 8)
+    expected = adst_targets(torch.stack(masks))
+    assert torch.equal(core, expected[0]) and torch.equal(border, expected[1])

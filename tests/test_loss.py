@@ -34,8 +34,8 @@ def expected_terms(criterion, logits, maps, y):
         terms["fused"] = DiceBCELoss()(maps.fused, y)
     else:
         terms["threshold"] = (torch.sigmoid(maps.fused) - border).abs()[band > 0].mean()
-        probs = torch.sigmoid(50.0 * (torch.sigmoid(logits) - torch.sigmoid(maps.fused)))
-        terms["binary"] = 1 - (2 * (probs * y).sum() + 0) / (probs.sum() + y.sum()).clamp_min(1e-7)
+        margin = 50.0 * (torch.sigmoid(logits) - torch.sigmoid(maps.fused))
+        terms["binary"] = F.binary_cross_entropy_with_logits(margin, y) / 50.0
         terms["boundary"] = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * band).sum() / band.sum()
     return terms
 

@@ -1,24 +1,31 @@
-"""End-to-end tests of examples/train.py and examples/compare.py on tiny synthetic data (CPU)."""
+"""End-to-end tests of the training scripts (train.py, compare.py, ablations.py) on tiny synthetic data (CPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import ablations
-import compare
-import lesion_metrics as lm
 import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
 import torch
-import train
 from conftest import EXAMPLES_DIR as EXAMPLES
 from conftest import ROOT, SHARED_DATA
+from PIL import Image
+from torch.utils.data import DataLoader, RandomSampler
+
+from adst_examples import ablations, compare, train
+from adst_examples.data import LesionSplit, SyntheticLesionDataset
+from adst_examples.metrics import METRIC_NAMES
+from adst_examples.training.models import build_criterion, build_model
+from adst_examples.training.plots import OverlayRow, overlay_figure, plot_overlays
+from adst_plugin import PRESETS, ADSTConfig
+from adst_plugin.collate import ADSTTargetCollate
+from adst_plugin.targets import adst_targets
 
 BUSI = SHARED_DATA / "Dataset_BUSI_with_GT"
 # 16 images → 11 train (2 steps of 4) / 2 val / 3 test: an odd test split, so DDP pads it.
@@ -30,10 +37,6 @@ RUN_FILES = (
     "metrics.json", "log.csv", "log.json", "curves.png", "overlays.png", "split.json", "config.json", "best.pt",
     "last.pt", "exported/config.json", "exported/model.safetensors", "exported/README.md",
 )  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def _read(path: Path) -> dict:
@@ -53,17 +56,17 @@ def test_tiny_run_writes_every_output(tmp_path: Path, adst: bool) -> None:
     missing = [name for name in RUN_FILES if not (out / name).is_file()]
     assert not missing, f"missing outputs: {missing}"
     metrics = _read(out / "metrics.json")
-    assert metrics["variant"] == ("adst" if adst else "baseline")
-    assert metrics["test"] == result["test"]
+    assert metrics["variant"] == result["variant"] == ("adst" if adst else "baseline")
     split = _read(out / "split.json")
     assert metrics["per_image"]["name"] == split["test"]
-    for m in lm.METRIC_NAMES:
-        assert math.isfinite(metrics["test"][m]["mean"]) and metrics["test"][m]["n"] == len(split["test"])
-        assert len(metrics["per_image"][m]) == len(split["test"])
+    for m in METRIC_NAMES:
+        assert metrics["test"][m]["n"] == len(metrics["per_image"][m]) == len(split["test"])
         assert all(math.isfinite(v) for v in metrics["per_image"][m])
+        # The summary is the mean of the per-image values it was written with.
+        assert metrics["test"][m]["mean"] == pytest.approx(np.mean(metrics["per_image"][m]), rel=1e-12)
     log = _read(out / "log.json")
     assert [row["epoch"] for row in log] == [1]
-    aux_terms = {"train_main", "train_edge", "train_fused"}
+    aux_terms = {"train_core", "train_threshold", "train_binary", "train_boundary"}
     assert aux_terms <= set(log[0]) if adst else not aux_terms & set(log[0])
     assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,")
     assert _read(out / "config.json")["args"]["no_adst"] is (not adst)
@@ -123,7 +126,7 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(EXAMPLES / "train.py"), *TINY, "--device", "cpu", "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     # Only rank 0 prints and writes: one epoch line, one test line, one set of files, no stray temporaries.
@@ -169,12 +172,12 @@ def test_compare_two_seeds_writes_table_and_is_resumable(tmp_path: Path, monkeyp
     assert "Paired validation Dice difference" in markdown
 
     # A tagged ablation shares the baselines; ablations.py tabulates it next to the defaults.
-    tagged = compare.main([*argv, "--tag", "w0", "--adst-flags", "--aux-weight 0"])
+    tagged = compare.main([*argv, "--tag", "w0", "--adst-flags", "--w-boundary 0"])
     assert (out / "adst-w0-seed1" / "metrics.json").is_file() and (out / "comparison-w0.md").is_file()
-    assert _read(out / "adst-w0-seed0" / "config.json")["args"]["aux_weight"] == 0
+    assert _read(out / "adst-w0-seed0" / "config.json")["args"]["w_boundary"] == 0
     rows = {row["tag"]: row for row in ablations.main([str(out)])}
     assert set(rows) == {"default", "w0"}
-    assert rows["w0"]["flags"] == "--aux-weight 0"
+    assert rows["w0"]["flags"] == "--w-boundary 0"
     assert rows["w0"]["val"]["mean"] == pytest.approx(tagged["paired_val_dice"]["mean"])
     assert rows["default"]["test"]["mean"] == pytest.approx(paired["mean"])
     with pytest.raises(FileNotFoundError, match="no comparison"):
@@ -212,7 +215,8 @@ def test_busi_reports_with_and_without_normal(tmp_path: Path) -> None:
         (["--img-size", "100"], "--img-size: expected a multiple of 32"),
         (["--epochs", "0"], "expected an integer >= 1"),
         (["--lr", "-1"], "--lr: expected a number >= 0"),
-        (["--tap", "encoder"], "invalid choice: 'encoder'"),
+        (["--head-input", "encoder"], "invalid choice: 'encoder'"),
+        (["--preset", "dbnet"], "invalid choice: 'dbnet'"),
         (["--include-normal", "--exclude-normal"], "not allowed with argument"),
     ],
 )
@@ -225,14 +229,6 @@ def test_bad_arguments_exit_with_a_clear_message(
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("legacy", [True, False])
-def test_resume_reads_the_legacy_no_feature_grad_key(tmp_path: Path, legacy: bool) -> None:
-    (tmp_path / "last.pt").touch()
-    saved = {"dataset": "synthetic", "no_feature_grad": legacy}
-    (tmp_path / "config.json").write_text(json.dumps({"args": saved}), encoding="utf-8")
-    assert train.parse_args(["--resume", "--out", str(tmp_path)]).feature_grad is (not legacy)
-
-
 def test_resume_without_a_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         train.parse_args(["--out", str(tmp_path / "nothing"), "--resume"])
@@ -240,9 +236,9 @@ def test_resume_without_a_run_is_refused(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_compare_takes_a_single_dash_flag_as_adst_flags() -> None:
-    argv = ["--dataset", "synthetic", "--adst-flags", "--no-feature-grad", "--epochs", "1"]
+    argv = ["--dataset", "synthetic", "--adst-flags", "--no-detach-threshold", "--epochs", "1"]
     args, rest = compare.build_parser().parse_known_args(compare._glue_adst_flags(argv))
-    assert args.adst_flags == "--no-feature-grad" and rest == ["--epochs", "1"]
+    assert args.adst_flags == "--no-detach-threshold" and rest == ["--epochs", "1"]
     with pytest.raises(SystemExit):  # what argparse alone does with it
         compare.build_parser().parse_known_args(argv)
 
@@ -260,7 +256,7 @@ def test_missing_dataset_folder_is_a_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "train.py"), "--dataset", "busi", "--root", str(tmp_path / "nope"),
          "--out", str(tmp_path / "run")],
-        env=_env(), capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: BUSI dataset")
@@ -268,47 +264,84 @@ def test_missing_dataset_folder_is_a_usage_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_overlays_plot_gray_and_rgb_images(tmp_path, channels):
-    import train_utils as tu
-
+def test_overlays_plot_gray_and_rgb_images(tmp_path: Path, channels: int) -> None:
     rng = np.random.default_rng(0)
     image = rng.random((32, 32)) if channels == 1 else rng.random((32, 32, 3))
     target = np.zeros((32, 32))
     target[8:20, 10:24] = 1
+    prob = np.zeros((32, 32))
+    prob[0:16, :] = 0.9  # predicted lesion: the top half
     maps = {"main": rng.random((32, 32)), "edge": rng.random((32, 32)), "fused": rng.random((32, 32))}
-    row = tu.OverlayRow("img", image, target, rng.random((32, 32)), 0.5, maps)
-    tu.plot_overlays([row, row], tmp_path / "overlays.png", "title")
-    assert (tmp_path / "overlays.png").stat().st_size > 0
+    rows = [OverlayRow("img0", image, target, prob, 0.5, maps), OverlayRow("img1", image, target, prob, 0.25, maps)]
+
+    fig = overlay_figure(rows, "title")
+    assert len(fig.axes) == 2 * 6  # image | truth | prediction | 3 maps, per row
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:6] == ["img0", "ground truth", "prediction (Dice 0.500)", "ADST main", "ADST edge", "ADST fused"]
+    assert titles[6:9] == ["img1", "ground truth", "prediction (Dice 0.250)"]
+    overlay = np.asarray(fig.axes[2].get_images()[0].get_array())
+    rgb = image if channels == 3 else np.stack([image] * 3, axis=-1)
+    np.testing.assert_allclose(overlay[:16], 0.5 * rgb[:16] + [0.5, 0.0, 0.0], rtol=1e-6)  # predicted: tinted red
+    np.testing.assert_allclose(overlay[16:], rgb[16:], rtol=1e-6)  # elsewhere: the image itself
+
+    plot_overlays(rows, tmp_path / "overlays.png", "title")
+    png = np.asarray(Image.open(tmp_path / "overlays.png").convert("RGB"), dtype=np.float32)
+    assert png.shape[:2] == (round(2.3 * 2 * 110), round(2.2 * 6 * 110))
+    for r in range(2):  # every panel of every row has drawn content (not a blank background)
+        band = png[r * png.shape[0] // 2 : (r + 1) * png.shape[0] // 2]
+        for c in range(6):
+            assert band[:, c * png.shape[1] // 6 : (c + 1) * png.shape[1] // 6].std() > 10, (r, c)
 
 
 @pytest.mark.parametrize(
-    ("flags", "mask_loss", "fused_loss"),
+    ("flags", "preset", "changed"),
     [
-        ([], "DiceBCELoss", "DiceBCELoss"),
-        (["--fused-loss", "bce"], "DiceBCELoss", "BCEWithLogitsLoss"),
-        (["--base-loss", "bce"], "BCEWithLogitsLoss", "BCEWithLogitsLoss"),
-        (["--base-loss", "bce", "--fused-loss", "dicebce"], "BCEWithLogitsLoss", "DiceBCELoss"),
+        ([], "adst", {}),
+        (["--preset", "paper"], "paper", {}),
+        (["--feature-grad", "0.5", "--w-boundary", "0"], "adst", {"feature_grad": 0.5, "w_boundary": 0.0}),
+        (["--preset", "paper", "--no-detach-threshold"], "paper", {"detach_threshold": False}),
     ],
 )
-def test_loss_flags_pick_the_mask_and_fused_losses(flags: list[str], mask_loss: str, fused_loss: str) -> None:
-    criterion = train.build_criterion(train.parse_args(["--aux-weight", "0.5", *flags]))
-    assert type(criterion.base_loss).__name__ == mask_loss
-    assert type(criterion.fused_loss).__name__ == fused_loss
-    assert (criterion.w_main, criterion.w_edge, criterion.w_fused) == (0.5, 0.5, 0.5)
+def test_adst_flags_come_from_the_config_and_reach_model_and_loss(
+    flags: list[str], preset: str, changed: dict[str, object]
+) -> None:
+    args = train.parse_args(["--encoder", "resnet18", *flags])
+    model = build_model(args, in_channels=1)
+    criterion = build_criterion(args, model)
+    expected = PRESETS[preset].replace(**changed)
+    assert model.config == expected and criterion.config == expected and criterion.model is model
+    assert type(criterion.base_loss).__name__ == "DiceBCELoss"
+
+
+def test_every_config_field_has_a_flag_whose_default_keeps_the_preset() -> None:
+    help_text = train.build_parser().format_help()
+    args = train.parse_args([])
+    for name in (f.name for f in dataclasses.fields(ADSTConfig)):
+        assert "--" + name.replace("_", "-") in help_text
+        assert getattr(args, name) is None  # not given: the preset decides
 
 
 def test_training_batches_carry_targets_built_in_the_workers() -> None:
-    import lesion_data as ld
-    import train_utils as tu
-    from torch.utils.data import DataLoader
-
-    from adst_plugin.targets import adst_targets
-
-    dataset = tu.IndexedDataset(ld.SyntheticLesionDataset(n=8, img_size=64, seed=0))
-    collate = tu.TargetCollate(shrink_ratio=0.4, thresh_min=0.3, thresh_max=0.7)
-    loader = DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=collate)
+    dataset = SyntheticLesionDataset(n=8, img_size=64, seed=0)
+    split = LesionSplit(dataset, range(8))
+    collate = ADSTTargetCollate(shrink_ratio=0.4, thresh_min=0.3, thresh_max=0.7)
+    sampler = RandomSampler(split, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(split, batch_size=4, sampler=sampler, num_workers=1, collate_fn=collate)
+    seen = []
     for index, images, masks, (core, border) in loader:  # built in a worker process
-        assert index.tolist() == sorted(index.tolist()) and images.shape[0] == 4
+        seen += index.tolist()
+        # Each index names its own image and mask, whatever order the sampler drew.
+        for i, image, mask in zip(index.tolist(), images, masks, strict=True):
+            assert torch.equal(image, dataset[i][0]) and torch.equal(mask, dataset[i][1])
         expected_core, expected_border = adst_targets(masks)
         assert torch.equal(core, expected_core) and torch.equal(border, expected_border)
         assert core.shape == border.shape == masks.shape and bool(core.any())
+    assert sorted(seen) == list(range(8)) and seen != list(range(8))  # every image once, shuffled
+
+
+@pytest.mark.parametrize("form", ["file", "module"])
+def test_scripts_run_as_a_file_and_as_a_module(form: str) -> None:
+    command = [str(EXAMPLES / "train.py")] if form == "file" else ["-m", "examples.train"]
+    proc = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--dataset {busi,isic2018,kvasir,folder,synthetic}" in proc.stdout

@@ -1,21 +1,27 @@
-"""Helpers shared by the benchmark scripts: model building, device choice, interleaved timing, machine info."""
+"""What the benchmark scripts share: a plain model from random init and interleaved timing.
+
+Device choice, machine description and parameter counts come from :mod:`adst_examples.training` (one source each).
+"""
 
 from __future__ import annotations
 
-import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
+from torch.utils import benchmark
 
-#: The 12 smp architectures, by class name.
-ARCHS = [cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()]
+from adst_examples.training.models import ARCHS
+
+__all__ = ["ARCH_NAMES", "build_plain_model", "interleaved_medians"]
+
+#: The smp architectures by class name (``--arch`` choices).
+ARCH_NAMES: list[str] = list(ARCHS.values())
 
 
-def build_model(arch: str, encoder: str, in_channels: int = 3, seed: int = 0) -> nn.Module:
+def build_plain_model(arch: str, encoder: str, in_channels: int = 3, seed: int = 0) -> nn.Module:
     """A binary smp model from random init (no downloads); DPT gets a small ViT since it needs one."""
     torch.manual_seed(seed)
     kwargs: dict = {"encoder_weights": None, "in_channels": in_channels, "classes": 1}
@@ -25,44 +31,21 @@ def build_model(arch: str, encoder: str, in_channels: int = 3, seed: int = 0) ->
     return smp.create_model(arch, encoder_name=encoder, **kwargs)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def interleaved_medians(fns: dict[str, Callable[[], object]], steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each fn, timed A/B/A/B... after ``warmup`` rounds (so drift hits all alike).
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], device: torch.device, steps: int, warmup: int
-) -> dict[str, float]:
-    """Median seconds per call of each fn, timed A/B/A/B... after ``warmup`` rounds."""
+    Each call is timed by ``torch.utils.benchmark.Timer.timeit(1)``, which synchronises the accelerator around it
+    and runs two untimed warm-up calls before it; torch keeps its current thread count (the Timer's default would
+    be one thread).
+    """
+    timers = {
+        name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=torch.get_num_threads())
+        for name, fn in fns.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(warmup + steps):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
+        for name, timer in timers.items():
+            seconds = timer.timeit(1).median
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

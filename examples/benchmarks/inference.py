@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ARCHS, build_model, count_params, interleaved_medians, machine, pick_device
-
+from adst_examples.benchmarks._common import ARCH_NAMES, build_plain_model, interleaved_medians
+from adst_examples.training.distributed import describe_device, resolve_device
+from adst_examples.training.models import count_params
 from adst_plugin import ADSTLoss, wrap_with_adst
 
 
@@ -50,29 +48,29 @@ def onnx_check(model: torch.nn.Module, x: torch.Tensor) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="Unet", choices=ARCHS)
+    parser.add_argument("--arch", default="Unet", choices=ARCH_NAMES)
     parser.add_argument("--encoder", default="resnet34")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
 
-    model = wrap_with_adst(build_model(args.arch, args.encoder)).to(device)
+    model = wrap_with_adst(build_plain_model(args.arch, args.encoder)).to(device)
     x = torch.rand(args.batch, 3, args.size, args.size, device=device)
     # One training step so weights and BN statistics are not the initial ones.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    ADSTLoss()(model(x), (x[:, :1] > 0.5).float()).backward()
+    ADSTLoss(model)(model(x), (x[:, :1] > 0.5).float()).backward()
     optimizer.step()
     model.eval()
 
     exported = model.export()
-    fresh = build_model(args.arch, args.encoder, seed=123).to(device).eval()
+    fresh = build_plain_model(args.arch, args.encoder, seed=123).to(device).eval()
     fresh.load_state_dict(exported.state_dict())
     with torch.inference_mode():
         identical = torch.equal(exported(x), fresh(x)) and torch.equal(exported(x), model(x))
@@ -88,7 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
 
         medians = interleaved_medians(
             {"fresh": run_fresh, "exported": run_exported, "head_kept": run_head_kept},
-            device,
             args.steps,
             args.warmup,
         )
@@ -113,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torchscript": scripted,
         "onnx": onnx_status,
     }
-    print(f"\n# Zero-cost inference — {machine(device)} — {dt.date.today()}")
+    print(f"\n# Zero-cost inference — {describe_device(device)} — {dt.date.today()}")
     print(f"{args.arch}-{args.encoder}, {args.size}², batch {args.batch}, median of {args.steps} eval forwards\n")
     print(
         "| params plain | params exported | bit-identical | exported/plain latency | head-kept/plain latency "

@@ -12,18 +12,23 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import sys
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ARCHS, build_model, count_params, interleaved_medians, machine, pick_device
+from adst_examples.benchmarks._common import ARCH_NAMES, build_plain_model, interleaved_medians
+from adst_examples.training.distributed import describe_device, resolve_device
+from adst_examples.training.models import count_params
+from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTLoss, DiceBCELoss, wrap_with_adst
+from adst_plugin.presets import HEAD_INPUTS
 
-from adst_plugin import ADSTLoss, DiceBCELoss, wrap_with_adst
-from adst_plugin import constants as C
-from adst_plugin.wrapper import TAPS
+
+def adst_config(args: argparse.Namespace) -> str:
+    config = PRESETS[args.preset]
+    return ", ".join(
+        f"{k} {getattr(args, k) if getattr(args, k) is not None else getattr(config, k)}"
+        for k in ("head_input", "head_stride", "feature_grad")
+    )
 
 
 def flops(fn) -> int:
@@ -33,9 +38,10 @@ def flops(fn) -> int:
 
 
 def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
-    base = build_model(arch, args.encoder, args.in_channels)
+    base = build_plain_model(arch, args.encoder, args.in_channels)
     plain = copy.deepcopy(base).to(device)
-    adst = wrap_with_adst(base, tap=args.tap, head_stride=args.head_stride, feature_grad=args.feature_grad).to(device)
+    overrides = {k: v for k in ("head_input", "head_stride", "feature_grad") if (v := getattr(args, k)) is not None}
+    adst = wrap_with_adst(base, args.preset, **overrides).to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     plain, adst = plain.to(memory_format=fmt), adst.to(memory_format=fmt)
     generator = torch.Generator().manual_seed(0)
@@ -59,7 +65,7 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
         return step
 
     medians = interleaved_medians(
-        {"plain": step_fn(plain, DiceBCELoss()), "adst": step_fn(adst, ADSTLoss())}, device, args.steps, args.warmup
+        {"plain": step_fn(plain, DiceBCELoss()), "adst": step_fn(adst, ADSTLoss(adst))}, args.steps, args.warmup
     )
     head_flops = flops(lambda: adst(x)) - flops(lambda: plain(x))  # forward FLOPs the head adds
     return {
@@ -75,7 +81,7 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="Unet", choices=ARCHS)
+    parser.add_argument("--arch", default="Unet", choices=ARCH_NAMES)
     parser.add_argument("--all-archs", action="store_true", help="measure every smp architecture")
     parser.add_argument("--encoder", default="resnet34")
     parser.add_argument("--in-channels", type=int, default=3)
@@ -83,28 +89,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    parser.add_argument("--tap", default="decoder", choices=TAPS)
-    parser.add_argument("--head-stride", type=int, default=C.HEAD_STRIDE)
-    parser.add_argument(
-        "--feature-grad",
-        action=argparse.BooleanOptionalAction,
-        default=C.FEATURE_GRAD,
-        help="the head's losses also backpropagate into the decoder (the pre-ablation default)",
-    )
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    parser.add_argument("--head-input", choices=HEAD_INPUTS, help="[the preset's]")
+    parser.add_argument("--head-stride", type=int, help="[the preset's]")
+    parser.add_argument("--feature-grad", type=float, help="gradient scale into the features [the preset's]")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    rows = [measure(arch, args, device) for arch in (ARCHS if args.all_archs else [args.arch])]
+    device = resolve_device(args.device)
+    rows = [measure(arch, args, device) for arch in (ARCH_NAMES if args.all_archs else [args.arch])]
 
-    print(f"\n# Training overhead — {machine(device)} — {dt.date.today()}")
+    print(f"\n# Training overhead — {describe_device(device)} — {dt.date.today()}")
     print(
         f"encoder {args.encoder}, {args.size}², batch {args.batch}, amp {args.amp}, channels_last "
-        f"{args.channels_last}, tap {args.tap}, head_stride {args.head_stride}, feature_grad {args.feature_grad}, "
+        f"{args.channels_last}, preset {args.preset} ({adst_config(args)}), "
         f"median of {args.steps} steps\n"
     )
     print("| arch | plain s/step | ADST s/step | ratio | head params | model params | head fwd GFLOPs |")

@@ -1,0 +1,124 @@
+"""The model and the criterion of a run: every call that constructs or exports an ADST (or peer) object is here.
+
+:func:`add_model_arguments` adds the model flags to any parser (train.py, study.py): the architecture, ``--no-adst``,
+``--preset`` and one flag per :class:`~adst_plugin.ADSTConfig` field, generated from the dataclass, so a head or loss
+default has one source (:mod:`adst_plugin.presets`); a flag left out keeps the preset's value. The peers' flags
+(``--loss``, ``--aux-fcn``) come from :mod:`adst_examples.peers`. The code that uses the model's outputs and the loss
+is in :mod:`adst_examples.training.loop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from typing import Any
+
+import segmentation_models_pytorch as smp
+from torch import nn
+
+from adst_examples.peers import AuxFCNLoss, AuxFCNModel, add_peer_arguments, build_loss
+from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTConfig, ADSTLoss, ADSTModel, wrap_with_adst
+from adst_plugin.presets import EDGE_INPUTS, FUSED_ROLES, HEAD_INPUTS
+
+__all__ = [
+    "ARCHS",
+    "CONFIG_FIELDS",
+    "add_model_arguments",
+    "build_criterion",
+    "build_model",
+    "config_overrides",
+    "count_params",
+    "export_model",
+]
+
+#: smp architectures: lower-case key (what ``smp.create_model`` accepts) → class name (what users type).
+ARCHS: dict[str, str] = {key: cls.__name__ for key, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
+#: The ADSTConfig fields that become flags (``--feature-grad``, ``--w-boundary``, ...).
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ADSTConfig))
+_CHOICES = {"head_input": HEAD_INPUTS, "edge_input": EDGE_INPUTS, "fused_role": FUSED_ROLES}
+
+
+def _arch(name: str) -> str:
+    key = name.lower()
+    if key not in ARCHS:
+        raise argparse.ArgumentTypeError(f"unknown architecture {name!r}; valid: {', '.join(ARCHS.values())}")
+    return ARCHS[key]
+
+
+def _encoder(name: str) -> str:
+    known = smp.encoders.get_encoder_names()
+    if name not in known and not name.startswith("tu-"):
+        raise argparse.ArgumentTypeError(
+            f"unknown encoder {name!r}; valid: {', '.join(known)} or any timm model as 'tu-<name>'"
+        )
+    return name
+
+
+def _weights(value: str) -> str | None:
+    return None if value.lower() in ("", "none", "null") else value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Architecture, ADST head/loss and peer flags. Every ADST flag defaults to the preset's value."""
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--arch", type=_arch, default="Unet", help=f"smp architecture: {', '.join(ARCHS.values())} [%(default)s]"
+    )
+    g.add_argument("--encoder", type=_encoder, default="resnet34", help="smp encoder name [%(default)s]")
+    g.add_argument("--encoder-weights", type=_weights, default=None, help="e.g. imagenet (needs a download)")
+
+    g = parser.add_argument_group("ADST head and loss (defaults: the preset's values, see adst_plugin/presets.py)")
+    g.add_argument("--no-adst", action="store_true", help="train the plain model (baseline)")
+    g.add_argument(
+        "--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help="head and loss preset [%(default)s]"
+    )
+    default = PRESETS[DEFAULT_PRESET]
+    for name in CONFIG_FIELDS:
+        value = getattr(default, name)
+        flag = "--" + name.replace("_", "-")
+        help_text = f"ADSTConfig.{name} [preset; {DEFAULT_PRESET}: {value}]"
+        if isinstance(value, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            g.add_argument(flag, type=type(value), choices=_CHOICES.get(name), default=None, help=help_text)
+    add_peer_arguments(parser)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ADSTConfig fields given on the command line (the rest keep the preset's values)."""
+    return {name: getattr(args, name) for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
+
+
+def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
+    """The binary smp model, wrapped with the ADST head unless ``--no-adst`` (or with the peer head, ``--aux-fcn``)."""
+    model = smp.create_model(
+        args.arch, encoder_name=args.encoder, encoder_weights=args.encoder_weights, in_channels=in_channels, classes=1
+    )
+    if not args.no_adst:
+        return wrap_with_adst(model, args.preset, **config_overrides(args))
+    if args.aux_fcn > 0:
+        return AuxFCNModel(model, features=args.aux_fcn_features)
+    return model
+
+
+def build_criterion(args: argparse.Namespace, model: nn.Module) -> nn.Module:
+    """The loss for what :func:`build_model` returned; ``--loss`` is the mask loss of every variant."""
+    base = build_loss(args.loss, hausdorff_weight=args.hausdorff_weight)
+    if isinstance(model, ADSTModel):
+        return ADSTLoss(model, base)
+    if isinstance(model, AuxFCNModel):
+        return AuxFCNLoss(model, base, weight=args.aux_fcn)
+    return ADSTLoss(None, base)
+
+
+def export_model(model: nn.Module) -> nn.Module:
+    """A plain copy of the trained model for inference: any auxiliary head is left behind."""
+    if isinstance(model, (ADSTModel, AuxFCNModel)):
+        return model.export()
+    return copy.deepcopy(model).eval()
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())

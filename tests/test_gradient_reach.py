@@ -1,0 +1,182 @@
+"""Gradient reach: which parameter groups each loss term trains, per preset (issue 8).
+
+For every preset and every term with a nonzero weight in it, the term is switched on alone (every other weight,
+``w_mask`` included, set to 0 through ``ADSTLoss`` overrides) and one backward pass tells which groups get a
+nonzero gradient: the exported model's ``encoder``, ``decoder`` and ``segmentation_head`` and the head's
+``head.main`` and ``head.fusion`` (``head.edge`` has no parameters). ``EXPECTED`` pins the table, and the same
+table, rendered by :func:`render_table`, must appear verbatim in docs/design.md ("What trains what").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_unet
+
+from adst_plugin import PRESETS, ADSTLoss, wrap_with_adst
+from adst_plugin.presets import LOSS_WEIGHTS
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # small tensors: one thread is faster on 2 cores
+
+DESIGN_MD = Path(__file__).resolve().parents[1] / "docs" / "design.md"
+
+#: Parameter-name prefixes of each group of the wrapper.
+GROUPS = {
+    "encoder": "model.encoder.",
+    "decoder": "model.decoder.",
+    "segmentation_head": "model.segmentation_head.",
+    "head.main": "head.main.",
+    "head.fusion": "head.fusion.",
+}
+EXPORTED = ("encoder", "decoder", "segmentation_head")
+MODEL = frozenset(EXPORTED)
+TERMS = {weight: weight.removeprefix("w_") for weight in LOSS_WEIGHTS}  # w_core -> core
+
+#: (row label, preset, wrap overrides, loss overrides) -> term -> the groups with a nonzero gradient.
+EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
+    ("adst", "adst", (), ()): {
+        "mask": MODEL,
+        # Deep supervision: the main map reads the live decoder output; the segmentation head is after the tap.
+        "core": frozenset({"encoder", "decoder", "head.main"}),
+        # T = fusion(main, detached Laplacian of sigmoid(logits)): into the features through the main branch only.
+        "threshold": frozenset({"encoder", "decoder", "head.main", "head.fusion"}),
+        # B = sigmoid(k (P - T)) with T detached: the exported logits only.
+        "binary": MODEL,
+        "boundary": MODEL,
+    },
+    ("adst, detach_threshold=False", "adst", (), (("detach_threshold", False),)): {
+        "binary": MODEL | {"head.main", "head.fusion"},
+    },
+    ("adst, feature_grad=0", "adst", (("feature_grad", 0.0),), ()): {
+        "core": frozenset({"head.main"}),
+        "threshold": frozenset({"head.main", "head.fusion"}),  # the head trains alone
+        "binary": MODEL,
+        "boundary": MODEL,
+    },
+    ("paper", "paper", (), ()): {
+        "mask": MODEL,
+        "core": MODEL | {"head.main"},  # the head reads the mask logits (as the reference does)
+        "edge": MODEL,  # the Laplacian of the mask logits: no parameters of its own
+        "fused": MODEL | {"head.main", "head.fusion"},  # through the main branch and the Laplacian of the logits
+    },
+    ("legacy", "legacy", (), ()): {
+        "mask": MODEL,
+        "core": frozenset({"head.main"}),  # nothing reaches the exported model: the flaw issue 8 names
+        "edge": MODEL,
+        "fused": MODEL | {"head.main", "head.fusion"},  # into the model only through the Laplacian of the logits
+    },
+}
+
+
+def _cases() -> list:
+    return [
+        pytest.param(key, TERMS[weight], id=f"{key[0].replace(' ', '')}:{TERMS[weight]}")
+        for key, terms in EXPECTED.items()
+        for weight in LOSS_WEIGHTS
+        if TERMS[weight] in terms
+    ]
+
+
+def test_every_weighted_term_of_every_preset_is_pinned():
+    for name, config in PRESETS.items():
+        weighted = {TERMS[w] for w in LOSS_WEIGHTS if getattr(config, w) > 0}
+        assert set(EXPECTED[(name, name, (), ())]) == weighted, name
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    yy, xx = np.mgrid[:64, :64]
+    y = np.zeros((2, 1, 64, 64), np.float32)
+    y[0, 0] = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 20**2  # a disc
+    y[1, 0] = (yy - 20) ** 2 + (xx - 44) ** 2 <= 4**2  # a small blob
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 64, 64, generator=g), torch.from_numpy(y)
+
+
+def _grads(preset: str, term: str, wrap: dict | None = None, loss: dict | None = None) -> dict[str, torch.Tensor]:
+    """Parameter gradients (zeros where None) after one backward of ``term`` alone, at the preset's weight."""
+    torch.manual_seed(0)
+    model = wrap_with_adst(tiny_unet(), preset, **(wrap or {})).train()
+    weights = {w: 0.0 for w in LOSS_WEIGHTS}
+    weight = f"w_{term}"
+    weights[weight] = getattr(model.config, weight)
+    assert weights[weight] > 0, f"{term} has no weight in {preset}"
+    criterion = ADSTLoss(model, **weights, **(loss or {}))
+    x, y = _batch()
+    criterion(model(x), y).backward()
+    assert set(criterion.last_terms) >= {term}
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def _reached(grads: dict[str, torch.Tensor], prefix: str) -> set[str]:
+    return {n for n, g in grads.items() if n.startswith(prefix) and bool(g.ne(0).any())}
+
+
+@pytest.fixture(scope="module")
+def used_by_the_model() -> dict[str, set[str]]:
+    """The exported parameters the mask loss reaches: those the forward uses (the depth-3 encoder leaves
+    layer3/layer4 unused)."""
+    grads = _grads("adst", "mask")
+    return {group: _reached(grads, GROUPS[group]) for group in EXPORTED}
+
+
+@pytest.mark.parametrize(("key", "term"), _cases())
+def test_gradient_reach(key, term, used_by_the_model):
+    label, preset, wrap, loss = key
+    grads = _grads(preset, term, dict(wrap), dict(loss))
+    reached = {group for group, prefix in GROUPS.items() if _reached(grads, prefix)}
+    assert reached == EXPECTED[key][term], f"{label}: {term}"
+    # All or nothing within a group: a reached group is reached in every parameter the forward uses
+    # (so "the decoder" means the whole decoder, and every head parameter, SRU's GroupNorm included, trains).
+    for group in reached:
+        everything = (
+            used_by_the_model[group] if group in EXPORTED else {n for n in grads if n.startswith(GROUPS[group])}
+        )
+        assert _reached(grads, GROUPS[group]) == everything, f"{label}: {term} reaches part of {group}"
+
+
+def test_feature_grad_scales_the_core_terms_feature_gradient_exactly():
+    full = _grads("adst", "core")
+    half = _grads("adst", "core", wrap={"feature_grad": 0.5})
+    for name in full:
+        if name.startswith(("model.encoder.", "model.decoder.")):
+            assert torch.allclose(half[name], 0.5 * full[name], rtol=1e-6, atol=1e-12), name
+        else:  # the head's own gradient is not scaled; the segmentation head gets none
+            assert torch.allclose(half[name], full[name], rtol=1e-6, atol=1e-12), name
+    assert any(bool(full[n].ne(0).any()) for n in full if n.startswith("model.decoder."))
+
+
+def render_table() -> str:
+    """The markdown table of EXPECTED, as it appears in docs/design.md."""
+    columns = list(GROUPS)
+    lines = [
+        "| preset | term | " + " | ".join(f"`{c}`" for c in columns) + " |",
+        "|---|---|" + "|".join(":-:" for _ in columns) + "|",
+    ]
+    for (label, _, _, _), terms in EXPECTED.items():
+        for weight in LOSS_WEIGHTS:
+            term = TERMS[weight]
+            if term in terms:
+                marks = " | ".join("✓" if c in terms[term] else "-" for c in columns)
+                lines.append(f"| {label} | {term} | {marks} |")
+    return "\n".join(lines)
+
+
+def test_design_doc_shows_the_pinned_table():
+    text = DESIGN_MD.read_text(encoding="utf-8")
+    table = render_table()
+    assert table in text, f"docs/design.md must contain the gradient-reach table exactly:\n{table}"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_head_parameter_stays_in_the_graph_with_zero_weights(preset):
+    # DDP without find_unused_parameters: a zero weight still multiplies its term, so no head parameter is
+    # left without a .grad (it is zero, not None), whichever terms are switched off.
+    torch.manual_seed(0)
+    model = wrap_with_adst(tiny_unet(), preset)
+    criterion = ADSTLoss(model, **{w: 0.0 for w in LOSS_WEIGHTS if w != "w_mask"})
+    x, y = _batch()
+    criterion(model(x), y).backward()
+    assert [n for n, p in model.head.named_parameters() if p.grad is None] == []
