@@ -11,6 +11,7 @@ the loss terms (``functional``) and their module (``loss``), the ``presets`` tha
 """
 
 from . import constants, functional, presets, targets
+from .collate import ADSTTargetCollate
 from .convglu import ConvGLU
 from .head import ADSTHead, ADSTOutput, FusionMap, HeadMaps, MainThresholdMap
 from .hooks import FeatureTap
@@ -33,6 +34,7 @@ __all__ = [
     "ADSTHead",
     "ADSTLoss",
     "ADSTModel",
+    "ADSTTargetCollate",
     "ADSTOutput",
     "ConvGLU",
     "DiceBCELoss",

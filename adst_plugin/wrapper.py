@@ -103,6 +103,9 @@ class ADSTModel(nn.Module):
 
     def forward(self, x: Tensor) -> Any:
         """Exactly ``self.model(x)``; in training mode the head's maps are also kept for the loss."""
+        if self._tap is not None:
+            # Set here, not only in train(): Lightning restores submodules' `training` flags directly after validation.
+            self._tap.capture.active = self.training
         output = self.model(x)
         if self.training:
             masks, _ = _split_output(output)

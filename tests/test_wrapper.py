@@ -299,3 +299,14 @@ def test_inductor_compile_train_step():
     loss = ADSTLoss(compiled)(compiled(x), y)  # the loss finds the wrapper behind torch.compile
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.head.parameters())
+
+
+def test_training_flags_set_without_train_still_feed_the_head(unet):
+    # Lightning restores each submodule's `training` flag directly after validation, bypassing train().
+    model = wrap_with_adst(unet).eval()
+    for module in model.modules():
+        module.training = True
+    criterion = ADSTLoss(model)
+    x, y = batch()
+    criterion(model(x), y).backward()
+    assert "core" in criterion.last_terms and model.head.main[0].weight.grad is not None
