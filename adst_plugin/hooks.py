@@ -19,19 +19,42 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Capture", "FeatureTap", "resolve_module", "strip_captures"]
+__all__ = ["Capture", "FeatureTap", "feature_channels", "resolve_module", "strip_captures"]
 
 
-def resolve_module(model: nn.Module, path: str) -> nn.Module:
+def resolve_module(model: nn.Module, path: str, where: str = "wrap_with_adst") -> nn.Module:
     """``model.get_submodule(path)`` with an error that lists what exists."""
     try:
         return model.get_submodule(path)
     except AttributeError:
         names = [name for name, _ in model.named_children()]
         raise ValueError(
-            f"wrap_with_adst: no submodule {path!r} in {type(model).__name__}; top-level children are {names}. "
-            "Pass features='<dotted.path>' naming the module whose output the head should read."
+            f"{where}: no submodule {path!r} in {type(model).__name__}; top-level children are {names}. "
+            "Pass features='<dotted.path>' naming the module whose output the head should read "
+            "(e.g. 'decoder', or 'decoder.blocks.2' for an smp Unet)."
         ) from None
+
+
+def _convs(module: nn.Module | None) -> list[nn.Conv2d]:
+    return [] if module is None else [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def feature_channels(model: nn.Module, path: str, tapped: nn.Module, where: str = "wrap_with_adst") -> int:
+    """Channels of ``tapped``'s output (``tapped = model.get_submodule(path)``), for smp models and plain modules.
+
+    smp: the segmentation head's first conv reads the decoder output; otherwise the module's ``out_channels``
+    or its last conv's.
+    """
+    head_convs = _convs(getattr(model, "segmentation_head", None))
+    if path == "decoder" and head_convs:
+        return head_convs[0].in_channels
+    out_channels = getattr(tapped, "out_channels", None)
+    if isinstance(out_channels, int):
+        return out_channels
+    tapped_convs = _convs(tapped)
+    if tapped_convs:
+        return tapped_convs[-1].out_channels
+    raise ValueError(f"{where}: cannot infer the channels of {path!r}'s output; pass in_channels=<C> explicitly")
 
 
 class Capture:

@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import constants as C
+from .constants import (
+    SACA_ALPHA,
+    SACA_GATE_THRESHOLD,
+    SACA_GROUP_KERNEL_SIZE,
+    SACA_GROUP_NUM,
+    SACA_GROUP_SIZE,
+    SACA_SQUEEZE_RATIO,
+)
 
 __all__ = ["CRU", "SACA", "SRU", "saca_channel_problems"]
 
@@ -30,10 +37,10 @@ __all__ = ["CRU", "SACA", "SRU", "saca_channel_problems"]
 def saca_channel_problems(
     channels: int,
     *,
-    group_num: int = C.SACA_GROUP_NUM,
-    alpha: float = C.SACA_ALPHA,
-    squeeze_ratio: int = C.SACA_SQUEEZE_RATIO,
-    group_size: int = C.SACA_GROUP_SIZE,
+    group_num: int = SACA_GROUP_NUM,
+    alpha: float = SACA_ALPHA,
+    squeeze_ratio: int = SACA_SQUEEZE_RATIO,
+    group_size: int = SACA_GROUP_SIZE,
 ) -> list[str]:
     """Reasons why ``channels`` does not fit SACA's group/split constraints (empty list when it fits)."""
     problems = []
@@ -74,7 +81,7 @@ class SRU(nn.Module):
         (B, C, H, W) -> (B, C, H, W)
     """
 
-    def __init__(self, channels: int, group_num: int = C.SACA_GROUP_NUM, gate_threshold: float = C.SACA_GATE_THRESHOLD):
+    def __init__(self, channels: int, group_num: int = SACA_GROUP_NUM, gate_threshold: float = SACA_GATE_THRESHOLD):
         super().__init__()
         if channels % 2 or channels % group_num:
             raise ValueError(f"SRU: expected channels even and divisible by group_num={group_num}, got {channels}")
@@ -110,10 +117,10 @@ class CRU(nn.Module):
     def __init__(
         self,
         channels: int,
-        alpha: float = C.SACA_ALPHA,
-        squeeze_ratio: int = C.SACA_SQUEEZE_RATIO,
-        group_size: int = C.SACA_GROUP_SIZE,
-        group_kernel_size: int = C.SACA_GROUP_KERNEL_SIZE,
+        alpha: float = SACA_ALPHA,
+        squeeze_ratio: int = SACA_SQUEEZE_RATIO,
+        group_size: int = SACA_GROUP_SIZE,
+        group_kernel_size: int = SACA_GROUP_KERNEL_SIZE,
     ):
         super().__init__()
         _check_channels(channels, group_num=1, alpha=alpha, squeeze_ratio=squeeze_ratio, group_size=group_size)
@@ -142,6 +149,9 @@ class SACA(nn.Module):
 
     Args:
         channels: input/output channels; validated against every group/split constraint.
+        group_num, gate_threshold: :class:`SRU`'s arguments.
+        **cru_kwargs: :class:`CRU`'s arguments (``alpha``, ``squeeze_ratio``, ``group_size``,
+            ``group_kernel_size``); their defaults live in :class:`CRU` alone.
 
     Shape:
         (B, C, H, W) -> (B, C, H, W)
@@ -154,17 +164,15 @@ class SACA(nn.Module):
     def __init__(
         self,
         channels: int,
-        group_num: int = C.SACA_GROUP_NUM,
-        gate_threshold: float = C.SACA_GATE_THRESHOLD,
-        alpha: float = C.SACA_ALPHA,
-        squeeze_ratio: int = C.SACA_SQUEEZE_RATIO,
-        group_size: int = C.SACA_GROUP_SIZE,
-        group_kernel_size: int = C.SACA_GROUP_KERNEL_SIZE,
+        group_num: int = SACA_GROUP_NUM,
+        gate_threshold: float = SACA_GATE_THRESHOLD,
+        **cru_kwargs: float,
     ):
         super().__init__()
-        _check_channels(channels, group_num=group_num, alpha=alpha, squeeze_ratio=squeeze_ratio, group_size=group_size)
+        split = {k: v for k, v in cru_kwargs.items() if k in ("alpha", "squeeze_ratio", "group_size")}
+        _check_channels(channels, group_num=group_num, **split)  # one message for every constraint
         self.sru = SRU(channels, group_num, gate_threshold)
-        self.cru = CRU(channels, alpha, squeeze_ratio, group_size, group_kernel_size)
+        self.cru = CRU(channels, **cru_kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.cru(self.sru(x))

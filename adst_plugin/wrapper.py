@@ -25,36 +25,21 @@ from torch import Tensor, nn
 from ._checks import check_bchw
 from .functional import grad_scale
 from .head import ADSTHead, ADSTOutput, HeadMaps
-from .hooks import FeatureTap, resolve_module, strip_captures
+from .hooks import FeatureTap, feature_channels, resolve_module, strip_captures
 from .presets import DEFAULT_PRESET, ADSTConfig, get_config
 
-__all__ = ["ADSTModel", "wrap_with_adst"]
+__all__ = ["ADSTModel", "HeadWrapper", "wrap_with_adst"]
 
 
 def _convs(module: nn.Module | None) -> list[nn.Conv2d]:
     return [] if module is None else [m for m in module.modules() if isinstance(m, nn.Conv2d)]
 
 
-def _infer_in_channels(model: nn.Module, features: str, tapped: nn.Module) -> int:
-    head_convs = _convs(getattr(model, "segmentation_head", None))
-    if features == "decoder" and head_convs:
-        return head_convs[0].in_channels  # smp: the segmentation head reads the decoder output
-    out_channels = getattr(tapped, "out_channels", None)
-    if isinstance(out_channels, int):
-        return out_channels
-    tapped_convs = _convs(tapped)
-    if tapped_convs:
-        return tapped_convs[-1].out_channels
-    raise ValueError(
-        f"wrap_with_adst: cannot infer the channels of {features!r}'s output; pass in_channels=<C> explicitly"
-    )
-
-
-def _check_binary(model: nn.Module) -> None:
+def _check_binary(model: nn.Module, where: str) -> None:
     head_convs = _convs(getattr(model, "segmentation_head", None))  # smp: classes = last conv's out_channels
     if head_convs and head_convs[-1].out_channels != 1:
         raise ValueError(
-            f"wrap_with_adst: expected a binary model (classes=1), got classes={head_convs[-1].out_channels}. "
+            f"{where}: expected a binary model (classes=1), got classes={head_convs[-1].out_channels}. "
             "ADST targets are defined for binary lesion masks; multi-class support is not implemented yet."
         )
 
@@ -67,89 +52,60 @@ def _split_output(output: Any) -> tuple[Tensor, Tensor | None]:
     return masks, labels
 
 
-class ADSTModel(nn.Module):
-    """A segmentation model plus the ADST auxiliary head. Build it with :func:`wrap_with_adst`.
+class HeadWrapper(nn.Module):
+    """A model plus a training-only head read through one forward hook; the plumbing every such wrapper shares.
+
+    Subclasses build ``self.head`` and call :meth:`_features` in ``forward``. This class owns the hook (one
+    :class:`~adst_plugin.hooks.FeatureTap`, or none when ``features`` is None), switches it with the training
+    mode, keeps the head's pending output for the loss (:meth:`_hand_over`), and leaves the model behind on
+    :meth:`export`. The ADST wrapper and the study's peer FCN head (``adst_examples.peers``) both build on it.
 
     Args:
-        model: the segmentation model (returns mask logits (B, 1, H, W), or a tuple whose first item is them).
-        config: the head and loss configuration.
-        in_channels: channels of the tapped features; inferred for smp models.
-
-    Shape:
-        (B, C_in, H, W) -> whatever the wrapped model returns, in both modes.
+        model: the segmentation model; returns mask logits (B, 1, H, W), or a tuple whose first item is them.
+        features: dotted path of the submodule whose output the head reads, or None for no hook.
+        where: the wrapper's name, for error messages.
     """
 
-    def __init__(self, model: nn.Module, config: ADSTConfig, in_channels: int | None = None):
+    def __init__(self, model: nn.Module, features: str | None, where: str):
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"wrap_with_adst: expected an nn.Module, got {type(model).__name__}")
-        if isinstance(model, ADSTModel):
-            raise TypeError("wrap_with_adst: the model is already wrapped")
-        if not isinstance(config, ADSTConfig):
-            raise TypeError(f"ADSTModel: expected an ADSTConfig, got {type(config).__name__}")
-        _check_binary(model)
+            raise TypeError(f"{where}: expected an nn.Module, got {type(model).__name__}")
+        if isinstance(model, HeadWrapper):
+            raise TypeError(f"{where}: the model is already wrapped; wrap the plain model")
+        _check_binary(model, where)
         self.model = model
-        self.config = config
-        self._maps: HeadMaps | None = None
-        self._tap: FeatureTap | None = None
-        if config.head_input == "features":
-            tapped = resolve_module(model, config.features)
-            in_channels = in_channels or _infer_in_channels(model, config.features, tapped)
-            self._tap = FeatureTap(tapped)
-            self._tap.capture.active = self.training
-        else:
-            in_channels = 1
-        self.head = ADSTHead(in_channels, config.hidden_channels, config.head_stride, config.edge_input)
-
-    def forward(self, x: Tensor) -> Any:
-        """Exactly ``self.model(x)``; in training mode the head's maps are also kept for the loss."""
+        self.features = features
+        self._where = where
+        self._pending: Any = None
+        self._tap = FeatureTap(resolve_module(model, features, where)) if features is not None else None
         if self._tap is not None:
-            # Set here, not only in train(): Lightning restores submodules' `training` flags directly after validation.
             self._tap.capture.active = self.training
-        output = self.model(x)
-        if self.training:
-            masks, _ = _split_output(output)
-            self._maps = self._run_head(masks)
-        return output
 
-    def _run_head(self, masks: Tensor) -> HeadMaps:
-        if self._tap is None:
-            features = masks
-        else:
-            features = self._tap.pop()
-            if features is None:
-                raise RuntimeError(f"ADSTModel: {self.config.features!r} did not run during forward; check features=")
-        if features.shape[1] != self.head.in_channels:
-            raise ValueError(
-                f"ADSTModel: expected {self.head.in_channels}-channel features from {self.config.features!r}, "
-                f"got {tuple(features.shape)}. Pass in_channels= to wrap_with_adst."
-            )
-        return self.head(grad_scale(features, float(self.config.feature_grad)), masks)
+    def _feature_channels(self) -> int:
+        # Only called by subclasses that tap features (features is not None).
+        return feature_channels(self.model, str(self.features), self._tap.module, self._where)  # type: ignore[union-attr]
 
-    def train(self, mode: bool = True) -> ADSTModel:
+    def _arm(self) -> None:
+        # Called at every forward, not only in train(): Lightning restores submodules' `training` flags directly.
+        if self._tap is not None:
+            self._tap.capture.active = self.training
+
+    def _features(self) -> Tensor:
+        """The tapped features of the forward that just ran."""
+        features = self._tap.pop() if self._tap is not None else None
+        if features is None:
+            raise RuntimeError(f"{self._where}: {self.features!r} did not run during forward; check features=")
+        return features
+
+    def _hand_over(self) -> Any:
+        pending, self._pending = self._pending, None
+        return pending
+
+    def train(self, mode: bool = True) -> HeadWrapper:
         super().train(mode)
-        self._maps = None  # maps of an unfinished training step never reach a later loss
-        if self._tap is not None:
-            self._tap.capture.active = mode  # eval forwards capture nothing
+        self._pending = None  # the head output of an unfinished training step never reaches a later loss
+        self._arm()
         return self
-
-    def pop_maps(self) -> HeadMaps | None:
-        """The head's maps from the last training-mode forward, handed over once (then forgotten)."""
-        maps, self._maps = self._maps, None
-        return maps
-
-    def forward_adst(self, x: Tensor) -> ADSTOutput:
-        """Model and head together in either mode, e.g. to look at the maps of an eval batch."""
-        if self._tap is not None:
-            self._tap.capture.active = True
-        try:
-            masks, labels = _split_output(self.model(x))
-            maps = self._run_head(masks)
-        finally:
-            if self._tap is not None:
-                self._tap.capture.active = self.training
-                self._tap.pop()
-        return ADSTOutput(masks, maps, labels)
 
     def export(self) -> nn.Module:
         """A standalone deep copy of the wrapped model, in eval mode: same class, same state-dict keys,
@@ -167,11 +123,68 @@ class ADSTModel(nn.Module):
         if self._tap is not None:
             self._tap.remove()
 
-    def __enter__(self) -> ADSTModel:
+    def __enter__(self) -> HeadWrapper:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove_hooks()
+
+
+class ADSTModel(HeadWrapper):
+    """A segmentation model plus the ADST auxiliary head. Build it with :func:`wrap_with_adst`.
+
+    Args:
+        model: the segmentation model (returns mask logits (B, 1, H, W), or a tuple whose first item is them).
+        config: the head and loss configuration.
+        in_channels: channels of the tapped features; inferred for smp models.
+
+    Shape:
+        (B, C_in, H, W) -> whatever the wrapped model returns, in both modes.
+    """
+
+    def __init__(self, model: nn.Module, config: ADSTConfig, in_channels: int | None = None):
+        if not isinstance(config, ADSTConfig):
+            raise TypeError(f"ADSTModel: expected an ADSTConfig, got {type(config).__name__}")
+        features = config.features if config.head_input == "features" else None
+        super().__init__(model, features, "wrap_with_adst")
+        self.config = config
+        in_channels = (in_channels or self._feature_channels()) if features is not None else 1
+        self.head = ADSTHead(in_channels, config.hidden_channels, config.head_stride, config.edge_input)
+
+    def forward(self, x: Tensor) -> Any:
+        """Exactly ``self.model(x)``; in training mode the head's maps are also kept for the loss."""
+        self._arm()
+        output = self.model(x)
+        if self.training:
+            masks, _ = _split_output(output)
+            self._pending = self._run_head(masks)
+        return output
+
+    def _run_head(self, masks: Tensor) -> HeadMaps:
+        features = masks if self._tap is None else self._features()
+        if features.shape[1] != self.head.in_channels:
+            raise ValueError(
+                f"ADSTModel: expected {self.head.in_channels}-channel features from {self.config.features!r}, "
+                f"got {tuple(features.shape)}. Pass in_channels= to wrap_with_adst."
+            )
+        return self.head(grad_scale(features, float(self.config.feature_grad)), masks)
+
+    def pop_maps(self) -> HeadMaps | None:
+        """The head's maps from the last training-mode forward, handed over once (then forgotten)."""
+        return self._hand_over()
+
+    def forward_adst(self, x: Tensor) -> ADSTOutput:
+        """Model and head together in either mode, e.g. to look at the maps of an eval batch."""
+        if self._tap is not None:
+            self._tap.capture.active = True
+        try:
+            masks, labels = _split_output(self.model(x))
+            maps = self._run_head(masks)
+        finally:
+            self._arm()
+            if self._tap is not None:
+                self._tap.pop()
+        return ADSTOutput(masks, maps, labels)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -19,7 +19,6 @@ Every peer is used as its library ships it; this module only names, combines and
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,9 +27,10 @@ import segmentation_models_pytorch as smp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adst_examples.cli import non_negative_float
 from adst_plugin import DiceBCELoss
 from adst_plugin._checks import check_bchw, check_mask, check_mask_matches
-from adst_plugin.hooks import FeatureTap, strip_captures
+from adst_plugin.wrapper import HeadWrapper
 
 __all__ = [
     "ARMS",
@@ -231,39 +231,11 @@ def fcn_head(in_channels: int, channels: int, dropout: float = 0.1) -> nn.Sequen
     )
 
 
-def _convs(module: nn.Module | None) -> list[nn.Conv2d]:
-    return [] if module is None else [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-
-
-def _resolve(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        names = [name for name, _ in model.named_children()]
-        raise ValueError(
-            f"AuxFCNModel: no submodule {path!r} in {type(model).__name__}; top-level children are {names}. "
-            "Pass features='<dotted.path>' (e.g. 'decoder' or 'decoder.blocks.2' for an smp Unet)."
-        ) from None
-
-
-def _infer_channels(model: nn.Module, features: str, tapped: nn.Module) -> int:
-    head_convs = _convs(getattr(model, "segmentation_head", None))
-    if features == "decoder" and head_convs:
-        return head_convs[0].in_channels  # smp: the segmentation head reads the decoder output
-    out_channels = getattr(tapped, "out_channels", None)
-    if isinstance(out_channels, int):
-        return out_channels
-    tapped_convs = _convs(tapped)
-    if tapped_convs:
-        return tapped_convs[-1].out_channels
-    raise ValueError(f"AuxFCNModel: cannot infer the channels of {features!r}'s output; pass in_channels=<C>")
-
-
 def _mask_logits(output: Any) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class AuxFCNModel(nn.Module):
+class AuxFCNModel(HeadWrapper):
     """A binary segmentation model plus an auxiliary FCN head on one of its stages (training only).
 
     Args:
@@ -289,67 +261,25 @@ class AuxFCNModel(nn.Module):
         channels: int | None = None,
         dropout: float = 0.1,
     ):
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"AuxFCNModel: expected an nn.Module, got {type(model).__name__}")
-        if hasattr(model, "pop_maps") or isinstance(model, AuxFCNModel):
-            raise TypeError("AuxFCNModel: the model is already wrapped (ADST or AuxFCN); wrap the plain model")
-        head_convs = _convs(getattr(model, "segmentation_head", None))
-        if head_convs and head_convs[-1].out_channels != 1:
-            raise ValueError(f"AuxFCNModel: expected a binary model (classes=1), got {head_convs[-1].out_channels}")
-        self.model = model
-        self.features = features
-        tapped = _resolve(model, features)
-        in_channels = in_channels or _infer_channels(model, features, tapped)
+        super().__init__(model, features, "AuxFCNModel")
+        in_channels = in_channels or self._feature_channels()
         self.head = fcn_head(in_channels, channels or max(16, in_channels // 4), dropout)
-        self._aux: Tensor | None = None
-        self._tap = FeatureTap(tapped)
-        self._tap.capture.active = self.training
 
     def forward(self, x: Tensor) -> Any:
         """Exactly ``self.model(x)``; in training mode the aux logits are also kept for the loss."""
+        self._arm()
         output = self.model(x)
         if self.training:
             masks = check_bchw(_mask_logits(output), "mask logits", "AuxFCNModel")
-            features = self._tap.pop()
-            if features is None:
-                raise RuntimeError(f"AuxFCNModel: {self.features!r} did not run during forward; check features=")
-            aux = self.head(features)
+            aux = self.head(self._features())
             if aux.shape[-2:] != masks.shape[-2:]:
                 aux = F.interpolate(aux, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-            self._aux = aux
+            self._pending = aux
         return output
-
-    def train(self, mode: bool = True) -> AuxFCNModel:
-        super().train(mode)
-        self._aux = None
-        self._tap.capture.active = mode
-        return self
 
     def pop_aux(self) -> Tensor | None:
         """The aux logits (B, 1, H, W) of the last training-mode forward, handed over once."""
-        aux, self._aux = self._aux, None
-        return aux
-
-    def export(self) -> nn.Module:
-        """A standalone deep copy of the wrapped model in eval mode: same class and keys, no hooks, no head."""
-        plain = copy.deepcopy(self.model)
-        strip_captures(plain)
-        return plain.eval()
-
-    def plain_state_dict(self) -> dict[str, Tensor]:
-        """The wrapped model's own ``state_dict`` (no head keys)."""
-        return self.model.state_dict()
-
-    def remove_hooks(self) -> None:
-        """Remove the feature hook (the wrapper can no longer train). Safe to repeat."""
-        self._tap.remove()
-
-    def __enter__(self) -> AuxFCNModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove_hooks()
+        return self._hand_over()
 
     def extra_repr(self) -> str:
         return f"features={self.features!r}"
@@ -434,16 +364,6 @@ PEER_ARMS: dict[str, str] = {
 ARMS = PEER_ARMS
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     """``--loss``, ``--hausdorff-weight``, ``--aux-fcn WEIGHT`` and ``--aux-fcn-features PATH``."""
     g = parser.add_argument_group("peer arms (adst_examples.peers)")
@@ -455,14 +375,14 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--hausdorff-weight",
-        type=_non_negative,
+        type=non_negative_float,
         default=HAUSDORFF_WEIGHT,
         help=f"weight of MONAI's HausdorffDTLoss in --loss dice+hausdorff, as at {HAUSDORFF_REFERENCE_SIZE}² "
         "(scaled by the image area) [%(default)s]",
     )
     g.add_argument(
         "--aux-fcn",
-        type=_non_negative,
+        type=non_negative_float,
         default=0.0,
         metavar="WEIGHT",
         help="mmseg-style auxiliary FCN head with this loss weight (mmseg: 0.4; 0 = off; with --no-adst) [%(default)s]",

@@ -56,7 +56,9 @@ from tqdm.auto import tqdm
 
 from adst_examples import lesion_scores as lsc
 from adst_examples import stats
+from adst_examples.cli import positive_int
 from adst_examples.data import cache as dcache
+from adst_examples.training.checkpoints import jsonable, write_json
 
 __all__ = [
     "ARMS",
@@ -74,7 +76,7 @@ __all__ = [
 #: The arms of the study: name → model flags (those of train.py's model/criterion builder).
 ARMS: dict[str, str] = {
     "baseline": "--no-adst",
-    "legacy": "--preset paper --feature-grad 0",
+    "legacy": "--preset legacy",
     "paper": "--preset paper",
     "adst": "--preset adst",
 }
@@ -109,13 +111,6 @@ def arm_registry() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     """study.py's own flags; every other flag goes to the model/criterion builder."""
     p = argparse.ArgumentParser(
@@ -130,16 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--arm", action="append", default=[], metavar="NAME=FLAGS", help="define an arm, e.g. 'mine=--preset adst'"
     )
-    g.add_argument("--seeds", type=_positive, default=3, help="seeds 0..S-1")
+    g.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..S-1")
     g.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds (overrides --seeds)")
     g.add_argument("--epochs", default="50", help="epochs: N, or per dataset, e.g. busi=50,kvasir=40")
     g.add_argument("--patience", type=int, default=0, help="stop after N epochs without a better val Dice (0: off)")
-    g.add_argument("--img-size", type=_positive, default=256, help="square input size (multiple of 32)")
-    g.add_argument("--batch-size", type=_positive, default=8)
+    g.add_argument("--img-size", type=positive_int, default=256, help="square input size (multiple of 32)")
+    g.add_argument("--batch-size", type=positive_int, default=8)
     g.add_argument("--lr", type=float, help="peak learning rate [synthetic 1e-3, else 3e-4]")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR = lr * ratio (cosine per step)")
-    g.add_argument("--max-steps", type=_positive, help="at most N steps per epoch (smoke tests)")
+    g.add_argument("--max-steps", type=positive_int, help="at most N steps per epoch (smoke tests)")
     g.add_argument("--no-augment", action="store_true", help="no augmentation")
 
     g = p.add_argument_group("data")
@@ -148,16 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rebuild-cache", action="store_true")
     g.add_argument("--prepare-cache", action="store_true", help="build the caches of --datasets, then stop")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the shared train/val/test split")
-    g.add_argument("--synthetic-n", type=_positive, default=200, help="number of synthetic images")
+    g.add_argument("--synthetic-n", type=positive_int, default=200, help="number of synthetic images")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--out", default="runs/study", help="study folder")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="auto: bf16 on CUDA, off on CPU")
-    g.add_argument("--parallel", type=_positive, default=1, help="runs at once on the device")
+    g.add_argument("--parallel", type=positive_int, default=1, help="runs at once on the device")
     g.add_argument("--measure-parallel", action="store_true", help="time N = --parallel-candidates, pick N")
     g.add_argument("--parallel-candidates", default="1,2,4,8")
-    g.add_argument("--bench-steps", type=_positive, default=20, help="timed steps per worker in --measure-parallel")
+    g.add_argument("--bench-steps", type=positive_int, default=20, help="timed steps per worker in --measure-parallel")
     g.add_argument("--budget-min", type=float, help="start no run that would end after M minutes")
     g.add_argument("--threads", type=int, help="torch CPU threads per run [cores / parallel]")
     g.add_argument("--no-progress", action="store_true")
@@ -167,11 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse_epochs(text: str, datasets: Sequence[str]) -> dict[str, int]:
     text = text.strip()
     if "=" not in text:
-        return dict.fromkeys(datasets, _positive(text))
+        return dict.fromkeys(datasets, positive_int(text))
     out: dict[str, int] = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        out[name.strip()] = _positive(value)
+        out[name.strip()] = positive_int(value)
     missing = [d for d in datasets if d not in out]
     if missing:
         raise UsageError(f"--epochs: no epochs given for {missing}")
@@ -416,26 +411,6 @@ def train_run(
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf → None (strict JSON), tuples → lists, recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
-    return obj
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Executors: in this process, or N worker processes sharing the device
 # --------------------------------------------------------------------------------------------------------------------
@@ -466,7 +441,7 @@ def _run_and_save(job: Job, datasets: dict[str, dcache.CachedData], cfg: dict[st
     model_args = argparse.Namespace(**cfg["model_args"][job.arm])
     result = train_run(job, datasets[job.dataset], model_args, cfg, device, deadline=deadline)
     if result is not None:
-        _write_json(Path(cfg["out"]) / "runs" / job.dataset / job.arm / f"seed{job.seed}" / "result.json", result)
+        write_json(Path(cfg["out"]) / "runs" / job.dataset / job.arm / f"seed{job.seed}" / "result.json", result)
     return result
 
 
@@ -1003,8 +978,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "failed": failed,
     }
     report = build_report(results, datasets, arms, registry, meta)
-    _write_json(out / "study.json", report)
-    markdown = format_markdown(_json_safe(report))
+    write_json(out / "study.json", report)
+    markdown = format_markdown(jsonable(report))
     (out / "study.md").write_text(markdown, encoding="utf-8")
     if not args.no_progress:
         print(markdown, flush=True)
@@ -1018,7 +993,7 @@ _RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "min_lr_ratio", "m
 def _check_resume(out: Path, cfg: dict[str, Any]) -> None:
     """``OUT/study_config.json`` pins the settings every run of the folder shares; a mismatch is an error."""
     path = out / "study_config.json"
-    current = _json_safe({k: cfg[k] for k in _RESUME_KEYS})
+    current = jsonable({k: cfg[k] for k in _RESUME_KEYS})
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in _RESUME_KEYS if k != "epochs" and saved.get(k) != current.get(k))
@@ -1027,7 +1002,7 @@ def _check_resume(out: Path, cfg: dict[str, Any]) -> None:
         if changed:
             raise UsageError(f"{out} holds a study with other settings ({', '.join(changed)}); use another --out")
         current["epochs"] = {**saved.get("epochs", {}), **current["epochs"]}
-    _write_json(path, current)
+    write_json(path, current)
 
 
 def _cli() -> None:

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 import adst_plugin
+from adst_examples.cli import non_negative_int, positive_int
 from adst_examples.data import (
     DATASET_NAMES,
     DATASETS,
@@ -87,20 +88,6 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return number
-
-
-def _non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return number
-
-
 def _by_dataset(key: str) -> str:
     return f"[synthetic {SYNTHETIC_DEFAULTS[key]}, else {DEFAULTS[key]}]"
 
@@ -120,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--masks", help=f"masks folder (--dataset {folder_users})")
     g.add_argument("--mask-suffix", default="", help="mask file stem suffix, e.g. _mask (--dataset folder)")
     g.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image channels (folder) [%(default)s]")
-    g.add_argument("--synthetic-n", type=_positive, default=200, help="number of synthetic images [%(default)s]")
-    g.add_argument("--limit", type=_positive, help="use only N samples (seeded random subset; smoke tests)")
-    g.add_argument("--img-size", type=_positive, help=f"square input size, multiple of 32 {_by_dataset('img_size')}")
+    g.add_argument("--synthetic-n", type=positive_int, default=200, help="number of synthetic images [%(default)s]")
+    g.add_argument("--limit", type=positive_int, help="use only N samples (seeded random subset; smoke tests)")
+    g.add_argument("--img-size", type=positive_int, help=f"square input size, multiple of 32 {_by_dataset('img_size')}")
     g.add_argument("--split-file", help="train/val/test split JSON, created if missing [RUN_DIR/split.json]")
-    g.add_argument("--split-seed", type=_non_negative, help="seed of a new split [--seed]")
+    g.add_argument("--split-seed", type=non_negative_int, help="seed of a new split [--seed]")
     normal = g.add_mutually_exclusive_group()
     normal.add_argument(
         "--include-normal", dest="include_normal", action="store_true", default=True,
@@ -142,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive, help=f"epochs {_by_dataset('epochs')}")
-    g.add_argument("--batch-size", type=_positive, default=8, help="per-process batch size [%(default)s]")
+    g.add_argument("--epochs", type=positive_int, help=f"epochs {_by_dataset('epochs')}")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="per-process batch size [%(default)s]")
     g.add_argument("--lr", type=float, help=f"peak learning rate {_by_dataset('lr')}")
     g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR = lr * ratio (cosine) [%(default)s]")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW: decoupled, Adam: L2 [%(default)s]")
@@ -154,12 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA if any [%(default)s]")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="autocast: auto = bf16 (or fp16 + GradScaler) on CUDA, off on CPU [%(default)s]")  # fmt: skip
-    g.add_argument("--workers", type=_non_negative, default=2, help="DataLoader workers per process [%(default)s]")
-    g.add_argument("--seed", type=_non_negative, default=0, help="seeds init, shuffling, augmentation [%(default)s]")
+    g.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers per process [%(default)s]")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seeds init, shuffling, augmentation [%(default)s]")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt with RUN_DIR/config.json")
-    g.add_argument("--max-steps", type=_positive, help="at most N optimizer steps per epoch (smoke tests)")
-    g.add_argument("--stop-after-epoch", type=_positive, help="stop after epoch K as if interrupted (tests resume)")
+    g.add_argument("--max-steps", type=positive_int, help="at most N optimizer steps per epoch (smoke tests)")
+    g.add_argument("--stop-after-epoch", type=positive_int, help="stop after epoch K as if interrupted (tests resume)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -48,7 +48,7 @@ def test_total_is_the_weighted_sum_of_the_terms(preset):
     criterion = ADSTLoss(model, **weights)
     y = mask()
     logits = model(images())
-    maps = model._maps
+    maps = model._pending
     total = criterion(logits, y)
     terms = expected_terms(criterion, logits, maps, y)
     c = criterion.config
@@ -101,7 +101,7 @@ def test_fused_loss_replaces_the_base_loss_on_the_paper_fused_term_only():
     criterion = ADSTLoss(model, fused_loss=torch.nn.BCEWithLogitsLoss())
     y = mask()
     logits = model(images())
-    fused = model._maps.fused
+    fused = model._pending.fused
     criterion(logits, y)
     assert torch.allclose(criterion.last_terms["fused"], F.binary_cross_entropy_with_logits(fused, y))
     assert torch.allclose(criterion.last_terms["mask"], DiceBCELoss()(logits, y))

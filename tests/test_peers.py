@@ -176,7 +176,7 @@ def test_aux_fcn_loss_is_base_plus_weighted_aux_and_trains_the_head(pair: tuple[
     assert criterion.weight == 0.4
     x, y = torch.randn(2, 3, 32, 32), _mask()
     logits = model.train()(x)
-    aux = model._aux
+    aux = model._pending
     total = criterion(logits, y)
     torch.testing.assert_close(total, base(logits, y) + 0.4 * base(aux, y))
     assert set(criterion.last_terms) == {"mask", "aux", "total"}

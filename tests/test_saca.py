@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -45,11 +47,26 @@ def test_sru_cross_adds_redundant_halves():
     assert torch.allclose(sru(x), expected, atol=1e-6)
 
 
-def test_cru_shapes_and_softmax_fuse():
+def test_cru_shapes():
     cru = CRU(16)
     x = torch.randn(3, 16, 7, 5)
     assert cru(x).shape == x.shape
     assert cru.gwc.groups == 2 and cru.gwc.in_channels == 4
+
+
+def test_cru_softmax_fuse_weights_the_two_branches():
+    # Zero every conv but the group-wise conv's bias b: the rich branch is b on its C channels, the cheap branch 0
+    # on its C. The channel softmax of the pooled 2C features gives e^b / (C (e^b + 1)) to each rich channel, and
+    # the two halves are summed: b e^b / (C (e^b + 1)) everywhere (a plain sum would give b).
+    channels, b = 16, 2.0
+    cru = CRU(channels)
+    with torch.no_grad():
+        for conv in (cru.squeeze_up, cru.squeeze_low, cru.gwc, cru.pwc_up, cru.pwc_low):
+            conv.weight.zero_()
+        cru.gwc.bias.fill_(b)
+    out = cru(torch.randn(2, channels, 5, 6))
+    expected = b * math.exp(b) / (channels * (math.exp(b) + 1))
+    assert torch.allclose(out, torch.full_like(out, expected), atol=1e-6)
 
 
 def test_gradcheck():

@@ -81,9 +81,9 @@ def test_report_fields_and_intervals() -> None:
     assert "paired" not in report["datasets"]["busi"]["arms"]["baseline"]
     assert report["datasets"]["busi"]["choice"]["arm"] == "adst"
     assert "validation" in report["rule"]
-    text = study.format_markdown(study._json_safe(report))
+    text = study.format_markdown(study.jsonable(report))
     assert "| adst |" in text and "Chosen on validation: **adst**" in text
-    json.dumps(study._json_safe(report), allow_nan=False)  # strict JSON: NaN became null
+    json.dumps(study.jsonable(report), allow_nan=False)  # strict JSON: NaN became null
 
 
 def test_parse_epochs() -> None:

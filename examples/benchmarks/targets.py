@@ -27,7 +27,6 @@ import argparse
 import importlib
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +38,8 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from adst_examples.benchmarks.scipy_reference import reference_targets
+from adst_examples.training.distributed import describe_device
 from adst_plugin.constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
 from adst_plugin.targets import adst_targets
 
@@ -86,40 +87,9 @@ def make_masks(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def scipy_targets(mask: np.ndarray, r: float, t_min: float, t_max: float) -> Targets:
-    """Exact reference: per-component full-image Euclidean distance transforms with SciPy.
-
-    Args:
-        mask: Bool ``(B, 1, H, W)``.
-        r: Shrink ratio.
-        t_min: Border value far from boundaries.
-        t_max: Border value on boundaries.
-
-    Returns:
-        ``(core, border)``: float32 ``(B, 1, H, W)``.
-    """
-    core = np.zeros(mask.shape, np.float32)
-    border = np.zeros(mask.shape, np.float32)
-    cross = ndi.generate_binary_structure(2, 1)
-    for i in range(mask.shape[0]):
-        m = mask[i, 0]
-        bnd = m & ~ndi.binary_erosion(m, structure=cross, border_value=1)
-        labels, n = ndi.label(m, structure=np.ones((3, 3), bool))
-        acc = np.zeros(m.shape)
-        for c in range(1, n + 1):
-            comp = labels == c
-            bnd_c = bnd & comp
-            if not bnd_c.any():
-                core[i, 0][comp] = 1.0
-                continue
-            offset = comp.sum() * (1.0 - r * r) / bnd_c.sum()
-            dist = ndi.distance_transform_edt(~bnd_c)
-            sel = comp & (dist >= offset)
-            if not sel.any():
-                sel = comp & (dist == dist[comp].max())
-            core[i, 0][sel] = 1.0
-            np.maximum(acc, np.clip(1.0 - dist / offset, 0.0, 1.0), out=acc)
-        border[i, 0] = t_min + (t_max - t_min) * acc
-    return core, border
+    """The exact SciPy reference (:mod:`adst_examples.benchmarks.scipy_reference`), as float32 ``(B, 1, H, W)``."""
+    core, border = reference_targets(mask, r, t_min, t_max)
+    return core.astype(np.float32), border.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -237,18 +207,6 @@ def to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
-def cpu_name() -> str:
-    """CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     """Parse arguments, run the benchmark, print a markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -275,7 +233,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     r, t_min, t_max = SHRINK_RATIO, THRESH_MIN, THRESH_MAX
     load_before = os.getloadavg()[0]
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores); torch {torch.__version__}, OpenCV {cv2.__version__}")
+    cpu = describe_device(torch.device("cpu"))
+    print(f"CPU: {cpu} ({os.cpu_count()} logical cores); torch {torch.__version__}, OpenCV {cv2.__version__}")
     print(f"device={device}, threads={args.threads}, masks/pass={args.masks}, repeats={args.repeats}\n")
     rows: list[Row] = []
     for size in args.sizes:
@@ -356,7 +315,8 @@ def main() -> None:
             f"| {row.speedup:.1f}x | {row.core_iou:.4f} | {row.border_mad:.1e} |"
         )
     print(
-        f"\nCPU: {cpu_name()}, {os.cpu_count()} logical cores, adst_targets threads={args.threads}, device={device}; "
+        f"\n{describe_device(device)}, {os.cpu_count()} logical cores, adst_targets threads={args.threads}, "
+        f"device={device}; "
         f"load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}"
         " (other processes skew wall-clock rates; CPU us/mask sums all threads, OpenCV's pool included)."
         "\nscipy and polygon rows process masks one by one (batch size does not apply); the polygon pipeline uses a"

@@ -22,6 +22,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "epoch_seed",
     "get_rng_state",
+    "jsonable",
     "load_checkpoint",
     "save_checkpoint",
     "seed_everything",
@@ -96,25 +97,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _jsonable(obj: Any) -> Any:
-    # Strict JSON has no NaN/inf: write them as null.
+def jsonable(obj: Any) -> Any:
+    """Strict-JSON-ready copy: NaN/inf → None, tuples → lists, NumPy scalars → Python, paths → str."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer)):
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     if isinstance(obj, Path):
         return str(obj)
     return obj
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented strict JSON (NaN → null), atomically."""
+    """Write ``obj`` as indented strict JSON (NaN → null), atomically; creates the parent folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
