@@ -190,6 +190,12 @@ def parse_model_flags(flags: Sequence[str], what: str) -> argparse.Namespace:
         raise UsageError(f"{what}: bad model flags {' '.join(flags)!r}") from exc
     if unknown:
         raise UsageError(f"{what}: unknown flags {unknown} (neither study.py's nor the model builder's)")
+    from adst_examples.training.models import check_model_args
+
+    try:
+        check_model_args(args)
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
     return args
 
 

@@ -66,7 +66,14 @@ from adst_examples.training.distributed import (
     teardown_distributed,
 )
 from adst_examples.training.loop import Optimisation, evaluate, fade_factor, head_maps, make_loader, train_one_epoch
-from adst_examples.training.models import add_model_arguments, build_criterion, build_model, count_params, export_model
+from adst_examples.training.models import (
+    add_model_arguments,
+    build_criterion,
+    build_model,
+    check_model_args,
+    count_params,
+    export_model,
+)
 from adst_examples.training.plots import OverlayRow, plot_curves, plot_overlays
 
 __all__ = ["UsageError", "build_parser", "main", "parse_args"]
@@ -122,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="BUSI: leave 'normal' images out of train/val (test is always reported with and without them)",
     )  # fmt: skip
 
-    add_model_arguments(p)
-    p.add_argument_group("ADST head and loss (defaults: the preset's values, see adst_plugin/presets.py)").add_argument(
+    add_model_arguments(p).add_argument(
         "--aux-fade", choices=("none", "cosine", "linear"), default="none",
         help="fade the auxiliary terms from 1 (first epoch) to 0 (last epoch) [%(default)s]",
     )  # fmt: skip
@@ -200,6 +206,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--img-size: expected a multiple of 32 (smp encoders downsample 32x), got {args.img_size}")
     try:
         resolve_amp(args.amp, resolve_device(args.device))
+        check_model_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     for name in ("lr", "weight_decay", "min_lr_ratio"):

@@ -217,6 +217,8 @@ def test_busi_reports_with_and_without_normal(tmp_path: Path) -> None:
         (["--lr", "-1"], "--lr: expected a number >= 0"),
         (["--head-input", "encoder"], "invalid choice: 'encoder'"),
         (["--preset", "dbnet"], "invalid choice: 'dbnet'"),
+        (["--w-edge", "1"], "w_edge=1.0 needs edge_input='logits'"),
+        (["--aux-fcn", "0.4"], "--aux-fcn: the peer FCN head replaces the ADST head; add --no-adst"),
         (["--include-normal", "--exclude-normal"], "not allowed with argument"),
     ],
 )

@@ -18,7 +18,7 @@ import segmentation_models_pytorch as smp
 from torch import nn
 
 from adst_examples.peers import AuxFCNLoss, AuxFCNModel, add_peer_arguments, build_loss
-from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTConfig, ADSTLoss, ADSTModel, wrap_with_adst
+from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTConfig, ADSTLoss, ADSTModel, get_config, wrap_with_adst
 from adst_plugin.presets import EDGE_INPUTS, FUSED_ROLES, HEAD_INPUTS
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "add_model_arguments",
     "build_criterion",
     "build_model",
+    "check_model_args",
     "config_overrides",
     "count_params",
     "export_model",
@@ -59,8 +60,11 @@ def _weights(value: str) -> str | None:
     return None if value.lower() in ("", "none", "null") else value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Architecture, ADST head/loss and peer flags. Every ADST flag defaults to the preset's value."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Architecture, ADST head/loss and peer flags. Every ADST flag defaults to the preset's value.
+
+    Returns the "ADST head and loss" group, so a script can add its own ADST flags to it (train.py's --aux-fade).
+    """
     g = parser.add_argument_group("model")
     g.add_argument(
         "--arch", type=_arch, default="Unet", help=f"smp architecture: {', '.join(ARCHS.values())} [%(default)s]"
@@ -83,6 +87,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             g.add_argument(flag, type=type(value), choices=_CHOICES.get(name), default=None, help=help_text)
     add_peer_arguments(parser)
+    return g
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations before any work: an inconsistent ADST config, or a peer head that would be ignored.
+
+    ADST options given with ``--no-adst`` are ignored (study.py passes shared flags to every arm, the baseline too).
+
+    Raises:
+        ValueError: with the message to show as a usage error.
+    """
+    if args.no_adst:
+        return
+    if args.aux_fcn > 0:
+        raise ValueError("--aux-fcn: the peer FCN head replaces the ADST head; add --no-adst")
+    try:
+        get_config(args.preset, **config_overrides(args))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
