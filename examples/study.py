@@ -653,10 +653,13 @@ def build_report(
                         for m in METRICS
                     }
             entry["arms"][arm] = a
+        # The choice is ADST's default, so it is made among the ADST arms; peers (--no-adst) are comparators.
         candidates = {
             arm: a["paired_val"]["dice"]["mean"]
             for arm, a in entry["arms"].items()
-            if arm != BASELINE and math.isfinite(a["paired_val"]["dice"]["mean"])
+            if arm != BASELINE
+            and "--no-adst" not in shlex.split(a["flags"])
+            and math.isfinite(a["paired_val"]["dice"]["mean"])
         }
         if candidates:
             best = max(candidates, key=lambda k: candidates[k])
@@ -768,8 +771,9 @@ def format_markdown(report: dict[str, Any]) -> str:
             verdict = "better than" if choice["beats_baseline_on_val"] else "not better than"
             lines += [
                 "",
-                f"Chosen on validation: **{choice['arm']}** (Δ val Dice {_pd(choice['paired_val_dice'], 'dice')}; "
-                f"{verdict} the baseline on validation). Its test Δ Dice, reported only: "
+                f"Chosen on validation (among the ADST arms): **{choice['arm']}** "
+                f"(Δ val Dice {_pd(choice['paired_val_dice'], 'dice')}; {verdict} the baseline on validation). "
+                "Its test Δ Dice, reported only: "
                 f"{_pd(choice['paired_test_dice'], 'dice')}.",
             ]
         lines.append("")

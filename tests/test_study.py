@@ -82,7 +82,7 @@ def test_report_fields_and_intervals() -> None:
     assert report["datasets"]["busi"]["choice"]["arm"] == "adst"
     assert "validation" in report["rule"]
     text = study.format_markdown(study.jsonable(report))
-    assert "| adst |" in text and "Chosen on validation: **adst**" in text
+    assert "| adst |" in text and "Chosen on validation (among the ADST arms): **adst**" in text
     json.dumps(study.jsonable(report), allow_nan=False)  # strict JSON: NaN became null
 
 
@@ -190,3 +190,17 @@ def test_device_script_rehearsal_and_resume(tmp_path: Path) -> None:
     with pytest.raises(study.UsageError, match="other settings"):
         study.main([*argv, "--lr", "0.5"])
     assert math.isfinite(again["wall_s"])
+
+
+def test_the_default_is_chosen_among_the_adst_arms_only() -> None:
+    # A peer (--no-adst) with the best validation difference is reported, but never becomes ADST's default.
+    results = {}
+    for s in range(3):
+        results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70, 0.1)
+        results[study.Job("busi", "adst", s)] = _result("busi", "adst", s, 0.79, 0.69 + 0.001 * s, 0.1)
+        results[study.Job("busi", "focal", s)] = _result("busi", "focal", s, 0.83, 0.75, 0.1)
+    flags = {**study.ARMS, "focal": "--no-adst --loss dice+focal"}
+    report = study.build_report(results, ["busi"], ["baseline", "adst", "focal"], flags)
+    entry = report["datasets"]["busi"]
+    assert entry["arms"]["focal"]["paired_val"]["dice"]["mean"] > entry["arms"]["adst"]["paired_val"]["dice"]["mean"]
+    assert entry["choice"]["arm"] == "adst" and entry["choice"]["beats_baseline_on_val"] is False
