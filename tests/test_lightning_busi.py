@@ -20,7 +20,8 @@ from conftest import EXAMPLES_DIR, SHARED_DATA
 from PIL import Image
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from adst_plugin import ADSTModel, wrap_with_adst
+from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTModel, wrap_with_adst
+from adst_plugin.presets import LOSS_WEIGHTS
 
 pytest.importorskip("lightning")
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # Lightning's own
@@ -82,7 +83,10 @@ def test_recipe_trains_logs_the_adst_terms_and_fades_them(run):
     train = [r for r in rows if r["train_total"]]
     assert [int(r["epoch"]) for r in train] == [0, 1]
     for row in train:
-        for term in ("mask", "core", "threshold", "binary", "boundary", "total"):
+        # the default preset's terms (see adst_plugin.presets.DEFAULT_PRESET)
+        config = PRESETS[DEFAULT_PRESET]
+        expected = {"mask", "total", *(w.removeprefix("w_") for w in LOSS_WEIGHTS[1:] if getattr(config, w) > 0)}
+        for term in expected:
             assert math.isfinite(float(row[f"train_{term}"])), term
         assert float(row["train_total"]) == pytest.approx(float(row["train_loss"]))
     assert [float(r["aux_scale"]) for r in train] == [1.0, 0.0]  # --aux-fade linear over 2 epochs

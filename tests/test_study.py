@@ -204,3 +204,21 @@ def test_the_default_is_chosen_among_the_adst_arms_only() -> None:
     entry = report["datasets"]["busi"]
     assert entry["arms"]["focal"]["paired_val"]["dice"]["mean"] > entry["arms"]["adst"]["paired_val"]["dice"]["mean"]
     assert entry["choice"]["arm"] == "adst" and entry["choice"]["beats_baseline_on_val"] is False
+
+
+@pytest.mark.slow
+def test_every_peer_arm_runs_in_a_tiny_study(tmp_path: Path) -> None:
+    pytest.importorskip("monai")
+    peers = sorted(a for a, flags in study.arm_registry().items() if "--no-adst" in flags and a != "baseline")
+    argv = ["--datasets", "synthetic", "--img-size", "32", "--epochs", "1", "--seeds", "1", "--synthetic-n", "16",
+            "--max-steps", "1", "--batch-size", "4", "--encoder", "resnet18", "--no-progress",
+            "--arms", ",".join(["baseline", "adst", *peers]),
+            "--out", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    report = study.main(argv)
+    assert not report.get("failed")
+    arms = report["datasets"]["synthetic"]["arms"]
+    assert {"lovasz", "focal", "tversky", "hausdorff", "monai-dicece", "auxfcn"} <= set(peers)
+    for arm in peers:
+        assert arms[arm]["n_runs"] == 1 and arms[arm]["paired"]["dice"]["n"] == 1, arm
+        assert math.isfinite(arms[arm]["step_ratio"]), arm
+    assert report["datasets"]["synthetic"]["choice"]["arm"] == "adst"  # peers never become ADST's default

@@ -23,7 +23,8 @@ from adst_examples.data import LesionSplit, SyntheticLesionDataset
 from adst_examples.metrics import METRIC_NAMES
 from adst_examples.training.models import build_criterion, build_model
 from adst_examples.training.plots import OverlayRow, overlay_figure, plot_overlays
-from adst_plugin import PRESETS, ADSTConfig
+from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTConfig
+from adst_plugin.presets import LOSS_WEIGHTS
 from adst_plugin.collate import ADSTTargetCollate
 from adst_plugin.targets import adst_targets
 
@@ -66,7 +67,8 @@ def test_tiny_run_writes_every_output(tmp_path: Path, adst: bool) -> None:
         assert metrics["test"][m]["mean"] == pytest.approx(np.mean(metrics["per_image"][m]), rel=1e-12)
     log = _read(out / "log.json")
     assert [row["epoch"] for row in log] == [1]
-    aux_terms = {"train_core", "train_threshold", "train_binary", "train_boundary"}
+    config = PRESETS[DEFAULT_PRESET]
+    aux_terms = {f"train_{w.removeprefix('w_')}" for w in LOSS_WEIGHTS[1:] if getattr(config, w) > 0}
     assert aux_terms <= set(log[0]) if adst else not aux_terms & set(log[0])
     assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,")
     assert _read(out / "config.json")["args"]["no_adst"] is (not adst)
@@ -217,7 +219,7 @@ def test_busi_reports_with_and_without_normal(tmp_path: Path) -> None:
         (["--lr", "-1"], "--lr: expected a number >= 0"),
         (["--head-input", "encoder"], "invalid choice: 'encoder'"),
         (["--preset", "dbnet"], "invalid choice: 'dbnet'"),
-        (["--w-edge", "1"], "w_edge=1.0 needs edge_input='logits'"),
+        (["--preset", "adst", "--w-edge", "1"], "w_edge=1.0 needs edge_input='logits'"),
         (["--aux-fcn", "0.4"], "--aux-fcn: the peer FCN head replaces the ADST head; add --no-adst"),
         (["--include-normal", "--exclude-normal"], "not allowed with argument"),
     ],
@@ -298,9 +300,9 @@ def test_overlays_plot_gray_and_rgb_images(tmp_path: Path, channels: int) -> Non
 @pytest.mark.parametrize(
     ("flags", "preset", "changed"),
     [
-        ([], "adst", {}),
-        (["--preset", "paper"], "paper", {}),
-        (["--feature-grad", "0.5", "--w-boundary", "0"], "adst", {"feature_grad": 0.5, "w_boundary": 0.0}),
+        ([], DEFAULT_PRESET, {}),
+        (["--preset", "adst"], "adst", {}),
+        (["--feature-grad", "0.5", "--w-boundary", "0"], DEFAULT_PRESET, {"feature_grad": 0.5, "w_boundary": 0.0}),
         (["--preset", "paper", "--no-detach-threshold"], "paper", {"detach_threshold": False}),
     ],
 )
