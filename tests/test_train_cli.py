@@ -24,8 +24,8 @@ from adst_examples.metrics import METRIC_NAMES
 from adst_examples.training.models import build_criterion, build_model
 from adst_examples.training.plots import OverlayRow, overlay_figure, plot_overlays
 from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTConfig
-from adst_plugin.presets import LOSS_WEIGHTS
 from adst_plugin.collate import ADSTTargetCollate
+from adst_plugin.presets import LOSS_WEIGHTS
 from adst_plugin.targets import adst_targets
 
 BUSI = SHARED_DATA / "Dataset_BUSI_with_GT"

@@ -16,6 +16,7 @@ def wrap(model, preset="adst", **kwargs):
     # These tests are about the feature hook: the "adst" preset taps the decoder ("paper" reads the logits).
     return wrap_with_adst(model, preset, **kwargs)
 
+
 ARCHS = list(smp.MODEL_ARCHITECTURES_MAPPING)
 
 
