@@ -14,9 +14,9 @@ Presets:
   (``B = sigmoid(k (P - T))``) and supervised by the mask; and a band-weighted BCE sharpens the exported
   logits at the lesion boundary. Each term's minimum is its target, and each reaches the exported weights
   (docs/design.md, "What trains what").
-* ``"paper"`` (default, chosen by the study of docs/results.md section 5): the reference formulation (AdSTNet): the head reads the model's 1-channel output (the mask
-  logits); main map vs core, Laplacian of the mask logits vs the border map (BCE), fused map vs the mask, every
-  term training the model.
+* ``"paper"`` (default, chosen by the study of docs/results.md section 5): the reference formulation
+  (AdSTNet): the head reads the model's 1-channel output (the mask logits); main map vs core, Laplacian of the
+  mask logits vs the border map (BCE), fused map vs the mask, every term training the model.
 * ``"legacy"``: the default of adst-plugin 0.1: ``"paper"``'s terms on detached decoder features.
 """
 
