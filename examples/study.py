@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -59,6 +60,7 @@ from adst_examples import stats
 from adst_examples.cli import positive_int
 from adst_examples.data import cache as dcache
 from adst_examples.training.checkpoints import jsonable, write_json
+from adst_examples.training.distributed import resolve_device
 
 __all__ = [
     "ARMS",
@@ -250,9 +252,24 @@ def estimate_seconds(job: Job, results: dict[Job, dict[str, Any]], epochs: int) 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _cosine(step: int, total: int, min_ratio: float) -> float:
-    t = min(step / max(total, 1), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+def _amp_dtype(cfg: dict[str, Any], device: torch.device) -> torch.dtype | None:
+    """bf16 autocast when asked (``bf16``), or by default on CUDA (``auto``); off otherwise."""
+    return torch.bfloat16 if cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and device.type == "cuda") else None
+
+
+def _train_step(
+    model: nn.Module, criterion: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, m: torch.Tensor,
+    amp: torch.dtype | None,
+) -> torch.Tensor:  # fmt: skip
+    """One optimizer step of a study run (also what --measure-parallel times); returns the detached loss."""
+    model.train()
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        outputs = model(x)
+    loss = criterion(_logits(outputs).float(), m)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def _logits(outputs: Any) -> torch.Tensor:
@@ -274,11 +291,9 @@ def _predict(model: nn.Module, data: dcache.CachedData, key: str, batch: int, am
 
 
 def _dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Hard Dice per image, both empty = 1 (the convention of adst_examples.metrics)."""
-    p, t = pred.flatten(1).float(), target.flatten(1).float()
-    tp = (p * t).sum(1)
-    denom = p.sum(1) + t.sum(1)
-    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.ones_like(denom))
+    """Hard Dice per image by smp.metrics, both empty = 1 (the convention of adst_examples.metrics)."""
+    tp, fp, fn, tn = smp.metrics.get_stats(pred.long(), target.long(), mode="binary")
+    return smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0).flatten()
 
 
 def _full_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -314,7 +329,7 @@ def train_run(
     from adst_examples.training.models import build_criterion, build_model, export_model
 
     t_start = time.perf_counter()
-    amp = torch.bfloat16 if cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and device.type == "cuda") else None
+    amp = _amp_dtype(cfg, device)
     epochs = cfg["epochs"][job.dataset]
     torch.manual_seed(job.seed)
     model = build_model(model_args, data.in_channels).to(device)
@@ -329,7 +344,8 @@ def train_run(
     if cfg["max_steps"]:
         steps = min(steps, cfg["max_steps"])
     total = steps * epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total, cfg["min_lr_ratio"]))
+    # Per-step cosine from lr down to lr * min_lr_ratio, the schedule of train.py.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=lr * cfg["min_lr_ratio"])
     gen = torch.Generator().manual_seed(job.seed)  # batch order and augmentation draws
     aug = dcache.AugmentConfig() if cfg["augment"] else None
     val_target = data.masks[data.split["val"]]
@@ -338,7 +354,6 @@ def train_run(
     history: list[dict[str, Any]] = []
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        model.train()
         order = train_idx[torch.randperm(len(train_idx), generator=gen).to(train_idx.device)]
         loss_sum = torch.zeros((), device=device)
         for step in range(steps):
@@ -347,14 +362,8 @@ def train_run(
                 x, m = dcache.augment(data.images[sel], data.masks[sel], gen, aug)
             else:
                 x, m = data.images[sel].float() / 255.0, data.masks[sel].float()
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                outputs = model(x)
-            loss = criterion(_logits(outputs).float(), m)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss_sum += _train_step(model, criterion, optimizer, x, m, amp)
             scheduler.step()
-            loss_sum += loss.detach()
         _sync(device)
         train_s = time.perf_counter() - t0
         mean_loss = loss_sum.item() / steps
@@ -422,14 +431,6 @@ def train_run(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available")
-    return torch.device(name)
-
-
 def _load_datasets(cfg: dict[str, Any], device: torch.device) -> dict[str, dcache.CachedData]:
     return {name: dcache.load_cache(path).to(device) for name, path in cfg["cache_files"].items()}
 
@@ -463,19 +464,13 @@ def _bench(datasets: dict[str, dcache.CachedData], cfg: dict[str, Any], device: 
     criterion = build_criterion(args, model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    amp = torch.bfloat16 if device.type == "cuda" and cfg["amp"] != "off" else None
+    amp = _amp_dtype(cfg, device)
     idx = data.split["train"]
 
     def step() -> None:
         sel = idx[torch.randint(len(idx), (cfg["batch_size"],), generator=gen).to(idx.device)]
         x, m = dcache.augment(data.images[sel], data.masks[sel], gen)
-        model.train()
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(x)
-        loss = criterion(_logits(out).float(), m)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _train_step(model, criterion, optimizer, x, m, amp)
 
     for _ in range(spec["warmup"]):
         step()
@@ -855,7 +850,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seeds = args.seed_list if args.seed_list else list(range(args.seeds))
     epochs = _parse_epochs(args.epochs, datasets)
     model_args = {a: vars(parse_model_flags([*passthrough, *shlex.split(registry[a])], f"arm {a}")) for a in arms}
-    device = _resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     out = Path(args.out)
     log = (lambda msg: None) if args.no_progress else (lambda msg: tqdm.write(msg, file=sys.stderr))
 
