@@ -25,14 +25,10 @@ from torch import Tensor, nn
 from ._checks import check_bchw
 from .functional import grad_scale
 from .head import ADSTHead, ADSTOutput, HeadMaps
-from .hooks import FeatureTap, feature_channels, resolve_module, strip_captures
+from .hooks import FeatureTap, _convs, feature_channels, resolve_module, strip_captures
 from .presets import DEFAULT_PRESET, ADSTConfig, get_config
 
 __all__ = ["ADSTModel", "HeadWrapper", "wrap_with_adst"]
-
-
-def _convs(module: nn.Module | None) -> list[nn.Conv2d]:
-    return [] if module is None else [m for m in module.modules() if isinstance(m, nn.Conv2d)]
 
 
 def _check_binary(model: nn.Module, where: str) -> None:
