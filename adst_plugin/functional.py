@@ -18,6 +18,8 @@ Computations are done in float32 (safe under autocast); every function returns a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,8 +31,15 @@ __all__ = [
     "core_loss",
     "edge_loss",
     "grad_scale",
+    "mask_logits",
     "threshold_loss",
 ]
+
+
+def mask_logits(output: Any) -> Any:
+    """The mask logits of a segmentation model's output: the output itself, or the first item of smp's
+    ``(masks, labels)`` tuple (``aux_params``). Shapes are checked by the callers, which know what they expect."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def grad_scale(x: Tensor, scale: float) -> Tensor:

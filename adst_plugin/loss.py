@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_bchw, check_mask, check_mask_matches
-from .functional import band_weights, binarization_loss, boundary_loss, core_loss, edge_loss, threshold_loss
+from .functional import (
+    band_weights,
+    binarization_loss,
+    boundary_loss,
+    core_loss,
+    edge_loss,
+    mask_logits,
+    threshold_loss,
+)
 from .presets import LOSS_WEIGHTS, ADSTConfig, get_config
 from .targets import adst_targets
 
@@ -137,9 +145,7 @@ class ADSTLoss(nn.Module):
         Raises:
             RuntimeError: the model is in training mode but ran no training forward since the last loss call.
         """
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        check_bchw(logits, "mask logits", "ADSTLoss", channels=1)
+        logits = check_bchw(mask_logits(logits), "mask logits", "ADSTLoss", channels=1)
         target = check_mask(mask, "ADSTLoss")
         check_mask_matches(target, logits, "ADSTLoss")
         target = target.to(device=logits.device, dtype=logits.dtype)

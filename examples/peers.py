@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from adst_examples.cli import non_negative_float
 from adst_plugin import DiceBCELoss
 from adst_plugin._checks import check_bchw, check_mask, check_mask_matches
+from adst_plugin.functional import mask_logits
 from adst_plugin.wrapper import HeadWrapper
 
 __all__ = [
@@ -231,10 +232,6 @@ def fcn_head(in_channels: int, channels: int, dropout: float = 0.1) -> nn.Sequen
     )
 
 
-def _mask_logits(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 class AuxFCNModel(HeadWrapper):
     """A binary segmentation model plus an auxiliary FCN head on one of its stages (training only).
 
@@ -270,7 +267,7 @@ class AuxFCNModel(HeadWrapper):
         self._arm()
         output = self.model(x)
         if self.training:
-            masks = check_bchw(_mask_logits(output), "mask logits", "AuxFCNModel")
+            masks = check_bchw(mask_logits(output), "mask logits", "AuxFCNModel")
             aux = self.head(self._features())
             if aux.shape[-2:] != masks.shape[-2:]:
                 aux = F.interpolate(aux, size=masks.shape[-2:], mode="bilinear", align_corners=False)
@@ -322,7 +319,7 @@ class AuxFCNLoss(nn.Module):
         self.last_terms: dict[str, Tensor] = {}
 
     def forward(self, logits: Tensor | tuple[Tensor, ...], mask: Tensor) -> Tensor:
-        logits = check_bchw(_mask_logits(logits), "mask logits", "AuxFCNLoss", channels=1)
+        logits = check_bchw(mask_logits(logits), "mask logits", "AuxFCNLoss", channels=1)
         target = check_mask(mask, "AuxFCNLoss")
         check_mask_matches(target, logits, "AuxFCNLoss")
         target = target.to(device=logits.device, dtype=logits.dtype)

@@ -44,7 +44,7 @@ import queue
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from adst_examples.cli import positive_int
 from adst_examples.data import cache as dcache
 from adst_examples.training.checkpoints import jsonable, write_json
 from adst_examples.training.distributed import resolve_device
+from adst_plugin.functional import mask_logits
 
 __all__ = [
     "ARMS",
@@ -265,15 +266,11 @@ def _train_step(
     model.train()
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         outputs = model(x)
-    loss = criterion(_logits(outputs).float(), m)
+    loss = criterion(mask_logits(outputs).float(), m)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
 @torch.no_grad()
@@ -286,7 +283,7 @@ def _predict(model: nn.Module, data: dcache.CachedData, key: str, batch: int, am
         sel = idx[start : start + batch]
         x = data.images[sel].float() / 255.0
         with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            preds.append(_logits(model(x)).float() >= 0)
+            preds.append(mask_logits(model(x)).float() >= 0)
     return torch.cat(preds) if preds else torch.zeros(0, 1, data.size, data.size, dtype=torch.bool)
 
 
@@ -634,6 +631,7 @@ def build_report(
                 "epochs_run": stats.mean_std([r["epochs_run"] for r in runs.values()]),
                 "s_per_step": stats.mean_std([r["timing"]["s_per_step"] for r in runs.values()]),
                 "s_per_epoch": stats.mean_std([r["timing"]["s_per_epoch"] for r in runs.values()]),
+                "convergence": _convergence(runs.values(), _LAST),
             }
             ok = bool(base_step) and math.isfinite(base_step)
             a["step_ratio"] = a["s_per_step"]["mean"] / base_step if ok else math.nan
@@ -657,13 +655,23 @@ def build_report(
             and math.isfinite(a["paired_val"]["dice"]["mean"])
         }
         if candidates:
-            best = max(candidates, key=lambda k: candidates[k])
+            ranked = sorted(candidates, key=lambda k: candidates[k], reverse=True)
+            best = ranked[0]
             entry["choice"] = {
                 "arm": best,
                 "paired_val_dice": entry["arms"][best]["paired_val"]["dice"],
                 "paired_test_dice": entry["arms"][best]["paired"]["dice"],
                 "beats_baseline_on_val": candidates[best] > 0,
             }
+            if len(ranked) > 1:  # is the choice itself resolved, or a tie with the next ADST arm?
+                runner_up = ranked[1]
+                entry["choice"]["vs_runner_up"] = {
+                    "arm": runner_up,
+                    "paired_val_dice": stats.paired(
+                        {s: r["val"].get("dice") for s, r in by_arm[best].items()},
+                        {s: r["val"].get("dice") for s, r in by_arm[runner_up].items()},
+                    ),
+                }
         sample = next(iter(results.get(j) for j in results if j.dataset == name), None)
         if sample is not None:
             entry["config"] = {
@@ -679,7 +687,26 @@ def build_report(
     return report
 
 
+_LAST = 3  # the convergence check's window: the last epochs of a run
+
+
+def _convergence(runs: Iterable[dict[str, Any]], last: int = _LAST) -> dict[str, Any]:
+    """Was training still improving at its end? The share of runs whose best validation epoch is the last,
+    and how much the best-so-far validation Dice rose over the last ``last`` epochs (mean ± std over runs)."""
+    at_last, gains = [], []
+    for r in runs:
+        curve = [h["val_dice"] for h in r.get("history", [])]
+        at_last.append(float(r["best_epoch"] == r["epochs_run"]))
+        if len(curve) > last:
+            gains.append(max(curve) - max(curve[:-last]))
+    return {"best_at_last": stats.mean_std(at_last)["mean"], "best_gain_last": stats.mean_std(gains), "last": last}
+
+
 _POINTS = {"dice", "iou", "boundary_iou", "small_recall", "small_dice"}  # shown ×100 (points) in the markdown
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.0f} %"
 
 
 def _ms(stat: dict[str, Any], metric: str) -> str:
@@ -731,8 +758,8 @@ def format_markdown(report: dict[str, Any]) -> str:
             ]
         lines += [
             "| arm | seeds | val Dice | test Dice | IoU | HD95 | BIoU | small recall | small Dice | best epoch | "
-            "s/step | step ratio |",
-            "|---" * 12 + "|",
+            f"best at last epoch | gain, last {_LAST} epochs | s/step | step ratio |",
+            "|---" * 14 + "|",
         ]
         for arm, a in entry["arms"].items():
             t = a["test"]
@@ -741,7 +768,8 @@ def format_markdown(report: dict[str, Any]) -> str:
                 f"| {arm} | {a['n_runs']} | {_ms(a['val']['dice'], 'dice')} | {_ms(t['dice'], 'dice')} | "
                 f"{_ms(t['iou'], 'iou')} | {_ms(t['hd95'], 'hd95')} | {_ms(t['boundary_iou'], 'boundary_iou')} | "
                 f"{_ms(t['small_recall'], 'small_recall')} | {_ms(t['small_dice'], 'small_dice')} | "
-                f"{_ms(a['best_epoch'], 'epoch')} | {_ms(a['s_per_step'], 's')} | "
+                f"{_ms(a['best_epoch'], 'epoch')} | {_share(a['convergence']['best_at_last'])} | "
+                f"{_ms(a['convergence']['best_gain_last'], 'dice')} | {_ms(a['s_per_step'], 's')} | "
                 f"{f'{ratio:.2f}x' if ratio is not None and math.isfinite(ratio) else '-'} |"
             )
         lines += [
@@ -771,6 +799,15 @@ def format_markdown(report: dict[str, Any]) -> str:
                 "Its test Δ Dice, reported only: "
                 f"{_pd(choice['paired_test_dice'], 'dice')}.",
             ]
+            runner = choice.get("vs_runner_up")
+            if runner:
+                pr = runner["paired_val_dice"]
+                lo, hi = pr["ci95"]
+                tie = pr["n"] > 1 and math.isfinite(lo) and lo <= 0 <= hi
+                lines.append(
+                    f"Against the next ADST arm, **{runner['arm']}**, paired Δ val Dice {_pd(pr, 'dice')}"
+                    f"{': a tie on validation' if tie else ''}."
+                )
         lines.append("")
     if report.get("failed"):
         lines += [f"Failed runs (see study.json): {', '.join(sorted(report['failed']))}.", ""]

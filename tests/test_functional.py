@@ -292,3 +292,9 @@ def test_band_weights_accepts_float64_and_empty_masks() -> None:
     assert torch.equal(fn.band_weights(border, THRESH_MIN, THRESH_MAX), torch.zeros_like(border))
     case = Case(MASKS["disc"])
     assert torch.equal(fn.band_weights(case.border.double(), THRESH_MIN, THRESH_MAX), case.band)
+
+
+def test_mask_logits_takes_the_first_item_of_smp_tuples() -> None:
+    masks, labels = torch.randn(2, 1, 4, 4), torch.randn(2, 3)
+    assert fn.mask_logits(masks) is masks
+    assert fn.mask_logits((masks, labels)) is masks and fn.mask_logits([masks, labels]) is masks

@@ -206,6 +206,39 @@ def test_the_default_is_chosen_among_the_adst_arms_only() -> None:
     assert entry["choice"]["arm"] == "adst" and entry["choice"]["beats_baseline_on_val"] is False
 
 
+def test_convergence_check_reads_the_validation_curves() -> None:
+    # Run 0 peaks at its last epoch after a late rise; run 1 peaked early and only fell afterwards.
+    curves = {0: [0.50, 0.60, 0.61, 0.62, 0.65, 0.70], 1: [0.50, 0.68, 0.66, 0.65, 0.64, 0.63]}
+    runs = []
+    for seed, curve in curves.items():
+        r = _result("busi", "adst", seed, 0.8, max(curve))
+        r.update(history=[{"epoch": e + 1, "val_dice": v} for e, v in enumerate(curve)], epochs_run=len(curve),
+                 best_epoch=1 + curve.index(max(curve)))  # fmt: skip
+        runs.append(r)
+    conv = study._convergence(runs, last=3)
+    assert conv["best_at_last"] == pytest.approx(0.5)
+    assert conv["best_gain_last"]["mean"] == pytest.approx(((0.70 - 0.61) + 0.0) / 2)
+    assert conv["best_gain_last"]["n"] == 2
+
+
+def test_the_choice_is_compared_with_the_next_adst_arm() -> None:
+    results = {}
+    paper_val = [0.71, 0.70, 0.72, 0.69]
+    redesign_val = [0.72, 0.705, 0.74, 0.69]
+    for s in range(4):
+        results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70)
+        results[study.Job("busi", "paper", s)] = _result("busi", "paper", s, 0.80, paper_val[s])
+        results[study.Job("busi", "adst", s)] = _result("busi", "adst", s, 0.80, redesign_val[s])
+    report = study.build_report(results, ["busi"], ["baseline", "paper", "adst"], study.ARMS)
+    choice = report["datasets"]["busi"]["choice"]
+    assert choice["arm"] == "adst" and choice["vs_runner_up"]["arm"] == "paper"
+    head_to_head = choice["vs_runner_up"]["paired_val_dice"]
+    ci = sps.ttest_rel(redesign_val, paper_val).confidence_interval(0.95)
+    assert head_to_head["ci95"] == pytest.approx([ci.low, ci.high]) and head_to_head["better"] == 3
+    text = study.format_markdown(study.jsonable(report))
+    assert ("a tie on validation" in text) == (ci.low <= 0 <= ci.high)
+
+
 @pytest.mark.slow
 def test_every_peer_arm_runs_in_a_tiny_study(tmp_path: Path) -> None:
     pytest.importorskip("monai")

@@ -22,6 +22,7 @@ from adst_examples.metrics import METRIC_NAMES, MetricAccumulator
 from adst_examples.training.distributed import DistContext, autocast
 from adst_plugin import ADSTLoss, ADSTModel
 from adst_plugin.collate import ADSTTargetCollate
+from adst_plugin.functional import mask_logits
 
 __all__ = [
     "Optimisation",
@@ -91,11 +92,6 @@ def fade_factor(mode: str, epoch: int, epochs: int) -> float:
     raise ValueError(f"--aux-fade: expected none, linear or cosine, got {mode!r}")
 
 
-def _mask_logits(outputs: Any) -> Tensor:
-    # smp models with aux_params return (masks, labels); the loss runs outside autocast, in float32.
-    return (outputs[0] if isinstance(outputs, (tuple, list)) else outputs).float()
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -129,7 +125,7 @@ def train_one_epoch(
         masks = masks.to(device, non_blocking=True)
         with autocast(device, opt.amp_dtype):
             outputs = model(images)
-        logits = _mask_logits(outputs)
+        logits = mask_logits(outputs).float()  # the loss runs outside autocast, in float32
         # Targets built by ADSTTargetCollate in the workers (ADST runs); the loss builds them itself otherwise.
         targets = tuple(t.to(device, non_blocking=True) for t in precomputed[0]) if precomputed else None
         loss = criterion(logits, masks, targets=targets)
@@ -180,7 +176,7 @@ def evaluate(
     for index, images, masks in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         with autocast(ctx.device, amp_dtype):
             outputs = model(images.to(ctx.device, non_blocking=True))
-        logits = _mask_logits(outputs)
+        logits = mask_logits(outputs).float()
         if criterion is not None:
             loss_sum += criterion(logits, masks.to(ctx.device)).item() * len(index)
             count += len(index)
