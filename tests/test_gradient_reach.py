@@ -45,7 +45,9 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "threshold": frozenset({"encoder", "decoder", "head.main", "head.fusion"}),
         # B = sigmoid(k (P - T)) with T detached: the exported logits only.
         "binary": MODEL,
-        "boundary": MODEL,
+    },
+    ("adst, w_boundary=1 (opt-in)", "adst", (("w_boundary", 1.0),), ()): {
+        "boundary": MODEL,  # a weighted BCE of the exported logits
     },
     ("adst, detach_threshold=False", "adst", (), (("detach_threshold", False),)): {
         "binary": MODEL | {"head.main", "head.fusion"},
@@ -54,7 +56,6 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "core": frozenset({"head.main"}),
         "threshold": frozenset({"head.main", "head.fusion"}),  # the head trains alone
         "binary": MODEL,
-        "boundary": MODEL,
     },
     ("paper", "paper", (), ()): {
         "mask": MODEL,

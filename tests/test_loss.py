@@ -90,10 +90,11 @@ def test_custom_base_loss_aux_scale_and_switching_terms_off():
     criterion.aux_scale = 1.0
     logits = model(images())
     assert criterion(logits, y) > dice(logits, y)
-    no_boundary = ADSTLoss(model, w_boundary=0.0)
-    no_boundary(model(images()), y)
-    assert "boundary" not in no_boundary.last_terms
-    assert model.config.w_boundary == 1.0  # the override changes the loss's copy only
+    assert "boundary" not in criterion.last_terms  # off in the adst preset
+    with_boundary = ADSTLoss(model, w_boundary=1.0)
+    with_boundary(model(images()), y)
+    assert "boundary" in with_boundary.last_terms
+    assert model.config.w_boundary == 0.0  # the override changes the loss's copy only
 
 
 def test_fused_loss_replaces_the_base_loss_on_the_paper_fused_term_only():

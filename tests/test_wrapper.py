@@ -97,7 +97,7 @@ def test_tutorial_metrics_line_works_on_the_training_output(unet):
     tp, fp, fn, tn = smp.metrics.get_stats(pred_mask.long(), y.long(), mode="binary")
     iou = smp.metrics.iou_score(tp, fp, fn, tn, reduction="micro")
     assert torch.isfinite(loss) and 0 <= float(iou) <= 1
-    assert set(criterion.last_terms) >= {"mask", "core", "threshold", "binary", "boundary", "total"}
+    assert set(criterion.last_terms) >= {"mask", "core", "threshold", "binary", "total"}
 
 
 def test_export_is_independent_of_the_wrapper(unet):
