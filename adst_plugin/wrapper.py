@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._checks import check_bchw
-from .functional import grad_scale, mask_logits
+from .functional import grad_scale
 from .head import ADSTHead, ADSTOutput, HeadMaps
 from .hooks import FeatureTap, _convs, feature_channels, resolve_module, strip_captures
 from .presets import DEFAULT_PRESET, ADSTConfig, get_config
@@ -41,7 +41,7 @@ def _check_binary(model: nn.Module, where: str) -> None:
 
 
 def _split_output(output: Any) -> tuple[Tensor, Tensor | None]:
-    masks, labels = mask_logits(output), (output[1] if isinstance(output, (tuple, list)) else None)
+    masks, labels = (output[0], output[1]) if isinstance(output, (tuple, list)) else (output, None)
     check_bchw(masks, "mask logits", "ADSTModel")
     if masks.shape[1] != 1:
         raise ValueError(f"ADSTModel: expected mask logits with 1 channel (classes=1), got {tuple(masks.shape)}")

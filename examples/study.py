@@ -602,6 +602,11 @@ class WorkerPool:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _per_seed(runs: dict[int, dict[str, Any]], split: str, metric: str) -> dict[int, float | None]:
+    """``{seed: value}`` of one metric on one split, the input of :func:`stats.paired`."""
+    return {seed: r[split].get(metric) for seed, r in runs.items()}
+
+
 def build_report(
     results: dict[Job, dict[str, Any]],
     datasets: Sequence[str],
@@ -639,8 +644,8 @@ def build_report(
                 for key, split in (("paired", "test"), ("paired_val", "val")):
                     a[key] = {
                         m: stats.paired(
-                            {s: r[split].get(m) for s, r in runs.items()},
-                            {s: r[split].get(m) for s, r in base.items()},
+                            _per_seed(runs, split, m),
+                            _per_seed(base, split, m),
                             higher_is_better=m not in LOWER_IS_BETTER,
                         )
                         for m in METRICS
@@ -668,8 +673,7 @@ def build_report(
                 entry["choice"]["vs_runner_up"] = {
                     "arm": runner_up,
                     "paired_val_dice": stats.paired(
-                        {s: r["val"].get("dice") for s, r in by_arm[best].items()},
-                        {s: r["val"].get("dice") for s, r in by_arm[runner_up].items()},
+                        _per_seed(by_arm[best], "val", "dice"), _per_seed(by_arm[runner_up], "val", "dice")
                     ),
                 }
         sample = next(iter(results.get(j) for j in results if j.dataset == name), None)
