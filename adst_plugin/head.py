@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .constants import HEAD_STRIDE, HIDDEN_CHANNELS
 from .convglu import ConvGLU
+from .functional import grad_scale
 from .laplacian import LaplacianEdge
 from .presets import EDGE_INPUTS
 from .saca import SACA
@@ -129,6 +130,8 @@ class ADSTHead(nn.Module):
         head_stride: the main branch and the fusion run at <= 1/head_stride of the mask size.
         edge_input: ``"probs"``: Laplacian of the detached sigmoid(logits), a cue no loss can push on;
             ``"logits"``: Laplacian of the mask logits, with gradient (paper).
+        fusion_grad: gradient scale from the fusion into the main map (0: the fused map's loss leaves the
+            main branch, and the features behind it, to the core term).
 
     Shape:
         features (B, in_channels, h, w), mask_logits (B, 1, H, W) -> :class:`HeadMaps`, each (B, 1, H, W)
@@ -140,6 +143,7 @@ class ADSTHead(nn.Module):
         hidden_channels: int = HIDDEN_CHANNELS,
         head_stride: int = HEAD_STRIDE,
         edge_input: str = "probs",
+        fusion_grad: float = 1.0,
     ):
         super().__init__()
         if not isinstance(head_stride, int) or head_stride < 1:
@@ -148,11 +152,14 @@ class ADSTHead(nn.Module):
             raise ValueError(f"ADSTHead: expected in_channels >= 1, got {in_channels}")
         if edge_input not in EDGE_INPUTS:
             raise ValueError(f"ADSTHead: unknown edge_input {edge_input!r}; valid options are {EDGE_INPUTS}")
+        if not 0.0 <= float(fusion_grad) <= 1.0:
+            raise ValueError(f"ADSTHead: expected 0 <= fusion_grad <= 1, got {fusion_grad!r}")
         self.main = MainThresholdMap(in_channels, hidden_channels)
         self.edge = LaplacianEdge()
         self.fusion = FusionMap(hidden_channels, head_stride)
         self.head_stride = head_stride
         self.edge_input = edge_input
+        self.fusion_grad = float(fusion_grad)
 
     @property
     def in_channels(self) -> int:
@@ -171,8 +178,8 @@ class ADSTHead(nn.Module):
         main = main_low if s == 1 else F.interpolate(main_low, size=size, mode="bilinear", align_corners=False)
         source = mask_logits if self.edge_input == "logits" else torch.sigmoid(mask_logits.detach().float())
         edge = self.edge(source)
-        fused = self.fusion(main_low, edge)
+        fused = self.fusion(grad_scale(main_low, self.fusion_grad), edge)
         return HeadMaps(main, edge, fused)
 
     def extra_repr(self) -> str:
-        return f"head_stride={self.head_stride}, edge_input={self.edge_input!r}"
+        return f"head_stride={self.head_stride}, edge_input={self.edge_input!r}, fusion_grad={self.fusion_grad}"

@@ -62,6 +62,9 @@ class ADSTConfig:
             outputs are resized bilinearly (smooth, no sub-pixel checkerboard).
         feature_grad: gradient scale from the head into the tapped features, in [0, 1]: 0 detaches them
             (the head trains alone), 1 is full deep supervision. The forward value is unchanged.
+        fusion_grad: gradient scale from the fusion into the main map, in [0, 1]: 0 makes the fused map a
+            read-out of a main map that only its own (core) term shapes; 1 lets the fused map's term train the
+            main branch and, through it, the features (the reference).
         edge_input: see :data:`EDGE_INPUTS`.
         fused_role: see :data:`FUSED_ROLES`.
         db_steepness: k of the binarisation ``sigmoid(k (P - T))``.
@@ -86,6 +89,7 @@ class ADSTConfig:
     hidden_channels: int = HIDDEN_CHANNELS
     head_stride: int = HEAD_STRIDE
     feature_grad: float = 1.0
+    fusion_grad: float = 1.0
     edge_input: str = "probs"
     fused_role: str = "threshold"
     db_steepness: float = DB_STEEPNESS
@@ -108,8 +112,9 @@ class ADSTConfig:
                 raise ValueError(f"{where}: unknown {name} {getattr(self, name)!r}; valid options are {valid}")
         if not isinstance(self.head_stride, int) or isinstance(self.head_stride, bool) or self.head_stride < 1:
             raise ValueError(f"{where}: expected head_stride to be an int >= 1, got {self.head_stride!r}")
-        if not 0.0 <= float(self.feature_grad) <= 1.0:
-            raise ValueError(f"{where}: expected 0 <= feature_grad <= 1, got {self.feature_grad!r}")
+        for name in ("feature_grad", "fusion_grad"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{where}: expected 0 <= {name} <= 1, got {getattr(self, name)!r}")
         if not self.db_steepness > 0:
             raise ValueError(f"{where}: expected db_steepness > 0, got {self.db_steepness!r}")
         for name in LOSS_WEIGHTS:

@@ -145,7 +145,9 @@ class ADSTModel(HeadWrapper):
         super().__init__(model, features, "wrap_with_adst")
         self.config = config
         in_channels = (in_channels or self._feature_channels()) if features is not None else 1
-        self.head = ADSTHead(in_channels, config.hidden_channels, config.head_stride, config.edge_input)
+        self.head = ADSTHead(
+            in_channels, config.hidden_channels, config.head_stride, config.edge_input, config.fusion_grad
+        )
 
     def forward(self, x: Tensor) -> Any:
         """Exactly ``self.model(x)``; in training mode the head's maps are also kept for the loss."""

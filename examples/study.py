@@ -43,6 +43,7 @@ import platform
 import queue
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -480,8 +481,26 @@ def _bench(datasets: dict[str, dcache.CachedData], cfg: dict[str, Any], device: 
     return time.perf_counter() - t0
 
 
+def exit_with_parent() -> None:
+    """In a spawned worker: exit as soon as the parent process is gone, however it died.
+
+    Without this a ``kill`` of the study (SIGTERM or SIGKILL, which skip the clean-up that stops daemonic workers)
+    leaves its workers training on, orphaned, competing with the next study for the device.
+    """
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # waits on the parent's sentinel: returns when the parent has exited
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _worker_main(rank: int, cfg: dict[str, Any], barriers: dict[int, Any], jobs: Any, results: Any) -> None:
     """A worker process: load the data onto the device once, then take jobs until ``None``."""
+    exit_with_parent()
     try:
         device = torch.device(cfg["device"])
         _setup_torch(cfg, device, cfg["threads"])

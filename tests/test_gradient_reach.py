@@ -57,6 +57,11 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "threshold": frozenset({"head.main", "head.fusion"}),  # the head trains alone
         "binary": MODEL,
     },
+    ("adst, fusion_grad=0", "adst", (("fusion_grad", 0.0),), ()): {
+        "core": frozenset({"encoder", "decoder", "head.main"}),
+        "threshold": frozenset({"head.fusion"}),  # T is read off a main map that only the core term shapes
+        "binary": MODEL,
+    },
     ("paper", "paper", (), ()): {
         "mask": MODEL,
         "core": MODEL | {"head.main"},  # the head reads the mask logits (as the reference does)
@@ -147,6 +152,16 @@ def test_feature_grad_scales_the_core_terms_feature_gradient_exactly():
         else:  # the head's own gradient is not scaled; the segmentation head gets none
             assert torch.allclose(half[name], full[name], rtol=1e-6, atol=1e-12), name
     assert any(bool(full[n].ne(0).any()) for n in full if n.startswith("model.decoder."))
+
+
+def test_fusion_grad_scales_the_threshold_terms_gradient_into_the_main_branch_exactly():
+    full = _grads("adst", "threshold")
+    half = _grads("adst", "threshold", wrap={"fusion_grad": 0.5})
+    scaled = ("model.encoder.", "model.decoder.", "head.main.")
+    for name in full:
+        factor = 0.5 if name.startswith(scaled) else 1.0  # the fusion's own gradient is not scaled
+        assert torch.allclose(half[name], factor * full[name], rtol=1e-5, atol=1e-10), name
+    assert any(bool(full[n].ne(0).any()) for n in full if n.startswith("head.main."))
 
 
 def render_table() -> str:

@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +256,57 @@ def test_every_peer_arm_runs_in_a_tiny_study(tmp_path: Path) -> None:
         assert arms[arm]["n_runs"] == 1 and arms[arm]["paired"]["dice"]["n"] == 1, arm
         assert math.isfinite(arms[arm]["step_ratio"]), arm
     assert report["datasets"]["synthetic"]["choice"]["arm"] == "adst"  # peers never become ADST's default
+
+
+_ORPHAN_SCRIPT = """
+import multiprocessing as mp
+import time
+
+from adst_examples.study import exit_with_parent
+
+
+def worker(watch):
+    if watch:
+        exit_with_parent()
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    import sys
+    child = mp.get_context("spawn").Process(target=worker, args=(sys.argv[1] == "watch",), daemon=True)
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; nobody may be left to reap it
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("watch", [True, False])
+def test_a_killed_study_leaves_no_worker_training(tmp_path, watch):
+    """SIGKILL of the study skips the clean-up that stops daemonic workers; exit_with_parent stops them anyway.
+    Without it (watch=False) the worker is still running: the check can tell the two apart."""
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), "watch" if watch else "no"], stdout=subprocess.PIPE,
+                              text=True, cwd=tmp_path)  # fmt: skip
+    try:
+        child = int(parent.stdout.readline())
+        assert _running(child)
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _running(child) is not watch
+    finally:
+        parent.kill()
+        if _running(child):
+            os.kill(child, 9)

@@ -1,0 +1,143 @@
+"""How hard each ADST loss term pulls on the exported model: gradient norms per term, side by side.
+
+    python examples/benchmarks/term_gradients.py --arm paper --arm 'adst=--preset adst' \\
+        --arm 'adst-fus1=--preset adst --fusion-grad 1' --dataset busi --train-steps 30
+
+For each arm, every term with a nonzero weight is switched on alone (the others, ``w_mask`` included, set to 0)
+and one backward pass gives the L2 norm of its gradient over the parameters ``export()`` keeps (encoder, decoder,
+segmentation head), at the preset's weight. The table prints each norm and its ratio to the mask term's, on the
+same batches and weights, at initialisation and again after ``--train-steps`` steps of the full loss (the ratio at
+init alone can mislead: the head's maps are random there). The gradient-reach table (docs/design.md) says which
+parameters a term reaches; this says by how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+from pathlib import Path
+
+import torch
+
+from adst_examples.benchmarks._common import build_plain_model
+from adst_examples.training.models import add_model_arguments
+from adst_plugin import ADSTLoss, get_config, wrap_with_adst
+from adst_plugin.presets import LOSS_WEIGHTS
+
+REPO = Path(__file__).resolve().parents[2]
+EXPORTED = ("model.encoder.", "model.decoder.", "model.segmentation_head.")
+
+
+def parse_arm(spec: str) -> tuple[str, dict]:
+    """``name`` (a preset) or ``name=<train.py ADST flags>`` -> (name, ADSTConfig overrides incl. the preset)."""
+    name, _, flags = spec.partition("=")
+    parser = argparse.ArgumentParser(prog=f"--arm {name}", add_help=False)
+    add_model_arguments(parser)
+    args = parser.parse_args(shlex.split(flags) if flags else ["--preset", name])
+    if args.no_adst:
+        raise SystemExit(f"--arm {spec!r}: an arm here is an ADST configuration; --no-adst has no terms")
+    overrides = {k: v for k, v in vars(args).items() if k in get_config().as_dict() and v is not None}
+    return name, {"preset": args.preset, **overrides}
+
+
+def load_batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``--batches`` training batches (images in [0, 1], float masks) of ``--dataset`` at ``--size``."""
+    from adst_examples.data import cache as dcache
+    from adst_examples.study import DATA_DIRS
+
+    if args.dataset == "synthetic":
+        kwargs: dict = {"n": 200}  # the study's default, so its cache is shared
+    else:
+        kwargs = {"root": Path(args.data_root) / DATA_DIRS[args.dataset]}
+        if not kwargs["root"].is_dir():
+            raise SystemExit(f"--dataset {args.dataset}: no folder {kwargs['root']} (see ../shared/data/README.md)")
+    data = dcache.load_cache(dcache.cache_dataset(args.dataset, args.size, args.cache_dir, **kwargs))
+    train = data.split["train"]
+    g = torch.Generator().manual_seed(args.seed)
+    order = train[torch.randperm(len(train), generator=g)]
+    batches = []
+    for b in range(args.batches):
+        sel = order[b * args.batch : (b + 1) * args.batch]
+        batches.append((data.images[sel].float() / 255.0, data.masks[sel].float()))
+    return batches
+
+
+def term_norms(model, config_weights: dict[str, float], batches) -> dict[str, float]:
+    """Mean over batches of the exported-parameter gradient norm of each weighted term alone."""
+    norms: dict[str, float] = {}
+    for weight, value in config_weights.items():
+        if value <= 0:
+            continue
+        alone = {w: (value if w == weight else 0.0) for w in LOSS_WEIGHTS}
+        criterion = ADSTLoss(model, **alone)
+        total = 0.0
+        for x, y in batches:
+            model.zero_grad(set_to_none=True)
+            criterion(model(x), y).backward()
+            named = model.named_parameters()
+            grads = [p.grad.flatten() for n, p in named if n.startswith(EXPORTED) and p.grad is not None]
+            total += float(torch.cat(grads).norm()) if grads else 0.0
+        norms[weight.removeprefix("w_")] = total / len(batches)
+    model.zero_grad(set_to_none=True)
+    return norms
+
+
+def _ratio(norms: dict[str, float], term: str) -> float:
+    mask = norms.get("mask", 0.0)
+    return norms[term] / mask if mask > 0 else float("nan")
+
+
+def train(model, batches, steps: int, lr: float) -> None:
+    criterion = ADSTLoss(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", action="append", help="a preset name, or name='<train.py ADST flags>' (repeatable)")
+    p.add_argument("--dataset", choices=("synthetic", "busi", "kvasir"), default="synthetic")
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batches", type=int, default=4, help="batches the norms are averaged over")
+    p.add_argument("--train-steps", type=int, default=30, help="steps of the full loss before the second reading")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--arch", default="Unet")
+    p.add_argument("--encoder", default="resnet18")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    arms = [parse_arm(spec) for spec in (args.arm or ["paper", "adst"])]
+    batches = load_batches(args)
+    base = build_plain_model(args.arch, args.encoder, batches[0][0].shape[1], seed=args.seed)
+    rows = []
+    print(f"{args.arch}-{args.encoder}, {args.dataset} {args.size}², batch {args.batch} x {args.batches}; "
+          f"|grad| over the exported parameters, ratio to the mask term")  # fmt: skip
+    print(f"| arm | term | weight | at init | ratio | after {args.train_steps} steps | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, overrides in arms:
+        torch.manual_seed(args.seed)
+        preset = overrides.pop("preset")
+        model = wrap_with_adst(copy.deepcopy(base), preset, **overrides).train()
+        weights = {w: getattr(model.config, w) for w in LOSS_WEIGHTS}
+        before = term_norms(model, weights, batches)
+        train(model, batches, args.train_steps, args.lr)
+        after = term_norms(model, weights, batches)
+        for term in before:
+            row = {"arm": name, "term": term, "weight": weights[f"w_{term}"], "init": before[term],
+                   "init_ratio": _ratio(before, term), "trained": after[term],
+                   "trained_ratio": _ratio(after, term)}  # fmt: skip
+            rows.append(row)
+            print(f"| {name} | {term} | {row['weight']:g} | {row['init']:.3g} | {row['init_ratio']:.2f} | "
+                  f"{row['trained']:.3g} | {row['trained_ratio']:.2f} |")  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
