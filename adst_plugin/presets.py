@@ -9,11 +9,12 @@ Presets:
 
 * ``"adst"``: the export-aware head (the dataclass defaults). The SACA main map reads the live decoder features
   (``feature_grad=1``) and is supervised by the core map (deep supervision); the fused map is a DBNet
-  threshold map T, read from the main map and a *detached* Laplacian cue of the prediction and supervised
-  by the border map inside the border band; the model's own probability is binarised against T
-  (``B = sigmoid(k (P - T))``) and supervised by the mask. Each term's minimum is its target, and each reaches
-  the exported weights (docs/design.md, "What trains what"). A band-weighted BCE on the exported logits
-  (``w_boundary``) is built and tested but off: at weight 1 it lost 7 validation Dice points in the study.
+  threshold map T, read off the main map without training it (``fusion_grad=0``) and a *detached* Laplacian cue
+  of the prediction, and supervised by the border map inside the border band; the model's own probability is
+  binarised against T (``B = sigmoid(k (P - T))``) and supervised by the mask. Each term's minimum is its
+  target; mask, core and binary reach the exported weights, and the threshold term reaches them through the
+  binary term whose threshold it sets (docs/design.md, "What trains what"). A band-weighted BCE on the exported
+  logits (``w_boundary``) is built and tested but off: at weight 1 it lost 7 validation Dice points in the study.
 * ``"paper"`` (default, chosen by the study of docs/results.md section 5): the reference formulation
   (AdSTNet): the head reads the model's 1-channel output (the mask logits); main map vs core, Laplacian of the
   mask logits vs the border map (BCE), fused map vs the mask, every term training the model.
@@ -89,7 +90,7 @@ class ADSTConfig:
     hidden_channels: int = HIDDEN_CHANNELS
     head_stride: int = HEAD_STRIDE
     feature_grad: float = 1.0
-    fusion_grad: float = 1.0
+    fusion_grad: float = 0.0  # 1 let the threshold term pull 7x harder than the mask loss (docs/results.md, section 7)
     edge_input: str = "probs"
     fused_role: str = "threshold"
     db_steepness: float = DB_STEEPNESS
@@ -164,6 +165,7 @@ PRESETS: dict[str, ADSTConfig] = {
         w_threshold=0.0,
         w_binary=0.0,
         w_boundary=0.0,
+        fusion_grad=1.0,
     ),
 }
 PRESETS["legacy"] = PRESETS["paper"].replace(head_input="features", feature_grad=0.0)

@@ -41,8 +41,8 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "mask": MODEL,
         # Deep supervision: the main map reads the live decoder output; the segmentation head is after the tap.
         "core": frozenset({"encoder", "decoder", "head.main"}),
-        # T = fusion(main, detached Laplacian of sigmoid(logits)): into the features through the main branch only.
-        "threshold": frozenset({"encoder", "decoder", "head.main", "head.fusion"}),
+        # T = fusion(main read with fusion_grad=0, detached Laplacian of sigmoid(logits)): the fusion alone.
+        "threshold": frozenset({"head.fusion"}),
         # B = sigmoid(k (P - T)) with T detached: the exported logits only.
         "binary": MODEL,
     },
@@ -50,16 +50,17 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "boundary": MODEL,  # a weighted BCE of the exported logits
     },
     ("adst, detach_threshold=False", "adst", (), (("detach_threshold", False),)): {
-        "binary": MODEL | {"head.main", "head.fusion"},
+        "binary": MODEL | {"head.fusion"},  # also trains T, which stops at the main map (fusion_grad=0)
     },
     ("adst, feature_grad=0", "adst", (("feature_grad", 0.0),), ()): {
-        "core": frozenset({"head.main"}),
-        "threshold": frozenset({"head.main", "head.fusion"}),  # the head trains alone
+        "core": frozenset({"head.main"}),  # the head trains alone
+        "threshold": frozenset({"head.fusion"}),
         "binary": MODEL,
     },
-    ("adst, fusion_grad=0", "adst", (("fusion_grad", 0.0),), ()): {
+    ("adst, fusion_grad=1 (rounds 1-2)", "adst", (("fusion_grad", 1.0),), ()): {
         "core": frozenset({"encoder", "decoder", "head.main"}),
-        "threshold": frozenset({"head.fusion"}),  # T is read off a main map that only the core term shapes
+        # the reference's wiring: T's loss trains the main branch and, through it, the features
+        "threshold": frozenset({"encoder", "decoder", "head.main", "head.fusion"}),
         "binary": MODEL,
     },
     ("paper", "paper", (), ()): {
@@ -155,7 +156,7 @@ def test_feature_grad_scales_the_core_terms_feature_gradient_exactly():
 
 
 def test_fusion_grad_scales_the_threshold_terms_gradient_into_the_main_branch_exactly():
-    full = _grads("adst", "threshold")
+    full = _grads("adst", "threshold", wrap={"fusion_grad": 1.0})
     half = _grads("adst", "threshold", wrap={"fusion_grad": 0.5})
     scaled = ("model.encoder.", "model.decoder.", "head.main.")
     for name in full:
