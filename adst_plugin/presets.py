@@ -7,8 +7,8 @@ choice is made once.
 
 Presets:
 
-* ``"adst"`` (default): the export-aware head (the dataclass defaults). The SACA main map reads the live decoder features
-  (``feature_grad=1``) and is supervised by the core map (deep supervision); the fused map is a DBNet
+* ``"adst"`` (default): the export-aware head (the dataclass defaults). The SACA main map reads the live decoder
+  features (``feature_grad=1``) and is supervised by the core map (deep supervision); the fused map is a DBNet
   threshold map T, read off the main map without training it (``fusion_grad=0``) and a *detached* Laplacian cue
   of the prediction, and supervised by the border map inside the border band; the model's own probability is
   binarised against T (``B = sigmoid(k (P - T))``) and supervised by the mask. Each term's minimum is its
