@@ -143,7 +143,7 @@ class ADSTHead(nn.Module):
         hidden_channels: int = HIDDEN_CHANNELS,
         head_stride: int = HEAD_STRIDE,
         edge_input: str = "probs",
-        fusion_grad: float = 1.0,
+        fusion_grad: float = 0.0,
     ):
         super().__init__()
         if not isinstance(head_stride, int) or head_stride < 1:

@@ -79,6 +79,8 @@ def test_preset_contents():
     )
     assert (adst.w_edge, adst.w_fused) == (0.0, 0.0) and min(adst.w_threshold, adst.w_binary) > 0
     assert adst.w_boundary == 0.0  # built and tested, off by the study's evidence (docs/results.md, section 5)
+    # The threshold map is read off the main map without training it; the reference's wiring trains through.
+    assert (adst.fusion_grad, paper.fusion_grad, legacy.fusion_grad) == (0.0, 1.0, 1.0)
     assert (paper.head_input, paper.feature_grad, paper.edge_input, paper.fused_role) == (
         "logits",
         1.0,
@@ -174,6 +176,8 @@ def test_consistent_combinations_are_accepted():
         ({"feature_grad": 1.5}, "0 <= feature_grad <= 1, got 1.5"),
         ({"feature_grad": -0.1}, "0 <= feature_grad <= 1"),
         ({"feature_grad": math.nan}, "0 <= feature_grad <= 1, got nan"),
+        ({"fusion_grad": 2.0}, "0 <= fusion_grad <= 1, got 2.0"),
+        ({"fusion_grad": math.nan}, "0 <= fusion_grad <= 1, got nan"),
         ({"db_steepness": 0.0}, "db_steepness > 0, got 0.0"),
         ({"w_mask": -1.0}, "w_mask >= 0, got -1.0"),
         ({"w_boundary": math.nan}, "w_boundary >= 0, got nan"),
