@@ -844,7 +844,8 @@ def format_markdown(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _dataset_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def dataset_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``build_dataset`` arguments of dataset ``name`` (``args.synthetic_n``, ``args.data_root``)."""
     if name == "synthetic":
         return {"n": args.synthetic_n}
     if name not in DATA_DIRS:
@@ -862,7 +863,7 @@ def _prepare_caches(datasets: Sequence[str], args: argparse.Namespace) -> dict[s
             if header.get("split_seed") == args.split_seed:
                 files[name] = str(path)
                 continue
-        kwargs = _dataset_kwargs(name, args)
+        kwargs = dataset_kwargs(name, args)
         if "root" in kwargs and not Path(kwargs["root"]).is_dir():
             raise UsageError(f"dataset {name}: '{kwargs['root']}' not found and no cache at '{path}'")
         built = dcache.cache_dataset(

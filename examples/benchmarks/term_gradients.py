@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from adst_examples.benchmarks._common import build_plain_model
-from adst_examples.training.models import add_model_arguments
-from adst_plugin import ADSTLoss, get_config, wrap_with_adst
+from adst_examples.study import dataset_kwargs, parse_model_flags
+from adst_examples.training.models import config_overrides
+from adst_plugin import ADSTLoss, wrap_with_adst
 from adst_plugin.presets import LOSS_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,26 +33,20 @@ EXPORTED = ("model.encoder.", "model.decoder.", "model.segmentation_head.")
 def parse_arm(spec: str) -> tuple[str, dict]:
     """``name`` (a preset) or ``name=<train.py ADST flags>`` -> (name, ADSTConfig overrides incl. the preset)."""
     name, _, flags = spec.partition("=")
-    parser = argparse.ArgumentParser(prog=f"--arm {name}", add_help=False)
-    add_model_arguments(parser)
-    args = parser.parse_args(shlex.split(flags) if flags else ["--preset", name])
+    args = parse_model_flags(shlex.split(flags) if flags else ["--preset", name], f"--arm {name}")
     if args.no_adst:
         raise SystemExit(f"--arm {spec!r}: an arm here is an ADST configuration; --no-adst has no terms")
-    overrides = {k: v for k, v in vars(args).items() if k in get_config().as_dict() and v is not None}
-    return name, {"preset": args.preset, **overrides}
+    return name, {"preset": args.preset, **config_overrides(args)}
 
 
 def load_batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``--batches`` training batches (images in [0, 1], float masks) of ``--dataset`` at ``--size``."""
     from adst_examples.data import cache as dcache
-    from adst_examples.study import DATA_DIRS
 
-    if args.dataset == "synthetic":
-        kwargs: dict = {"n": 200}  # the study's default, so its cache is shared
-    else:
-        kwargs = {"root": Path(args.data_root) / DATA_DIRS[args.dataset]}
-        if not kwargs["root"].is_dir():
-            raise SystemExit(f"--dataset {args.dataset}: no folder {kwargs['root']} (see ../shared/data/README.md)")
+    # The study's dataset arguments (synthetic: its default size), so the two share their caches.
+    kwargs = dataset_kwargs(args.dataset, argparse.Namespace(synthetic_n=200, data_root=args.data_root))
+    if "root" in kwargs and not Path(kwargs["root"]).is_dir():
+        raise SystemExit(f"--dataset {args.dataset}: no folder {kwargs['root']} (see ../shared/data/README.md)")
     data = dcache.load_cache(dcache.cache_dataset(args.dataset, args.size, args.cache_dir, **kwargs))
     train = data.split["train"]
     g = torch.Generator().manual_seed(args.seed)
