@@ -265,16 +265,20 @@ import time
 from adst_examples.study import exit_with_parent
 
 
-def worker(watch):
+def worker(watch, ready):
     if watch:
         exit_with_parent()
+    ready.send(True)
     time.sleep(120)
 
 
 if __name__ == "__main__":
     import sys
-    child = mp.get_context("spawn").Process(target=worker, args=(sys.argv[1] == "watch",), daemon=True)
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Pipe(duplex=False)  # a pipe, not an Event: no semaphore left behind by the kill
+    child = ctx.Process(target=worker, args=(sys.argv[1] == "watch", done), daemon=True)
     child.start()
+    ready.recv()  # the child is set up (imports done): the test's wait measures the reaction only
     print(child.pid, flush=True)
     time.sleep(120)
 """
