@@ -10,6 +10,8 @@ term                    inputs                              minimised by
 ``threshold_loss``      threshold logits T, border map      sigmoid(T) = border on the border band
 ``binarization_loss``   mask logits, T, mask                sigmoid(logits) > T exactly on the mask
 ``boundary_loss``       mask logits, mask, border map       the mask on every band pixel
+``sdf_loss``            main logits, signed distance s      tanh(main) = s (zero level set: the lesion edge)
+``threshold_loss``      T, symmetric_threshold(s)           sigmoid(T) = 0.5 on the edge, rising inside
 ``edge_loss`` (paper)   edge map, border map                *not* the mask (kept for the paper preset)
 ======================  ==================================  =============================================
 
@@ -32,6 +34,9 @@ __all__ = [
     "edge_loss",
     "grad_scale",
     "mask_logits",
+    "sdf_loss",
+    "signed_distance",
+    "symmetric_threshold",
     "threshold_loss",
 ]
 
@@ -134,3 +139,37 @@ def boundary_loss(mask_logits: Tensor, mask: Tensor, band: Tensor) -> Tensor:
     """
     bce = F.binary_cross_entropy_with_logits(mask_logits.float(), mask.float(), reduction="none")
     return _weighted_mean(bce, band)
+
+
+def signed_distance(border: Tensor, mask: Tensor, thresh_min: float, thresh_max: float) -> Tensor:
+    """Truncated, normalised signed distance to the nearest lesion boundary, read off the exact border map.
+
+    ``s = +d/D`` inside a lesion and ``-d/D`` outside, clipped to [-1, 1]: 0 on the lesion's boundary pixels,
+    +1 at depth >= D, -1 at distance >= D (and everywhere in an empty mask). ``d/D`` is the border map's own
+    ``1 - band`` (per-lesion Euclidean distance over that lesion's offset D), so no second distance transform runs.
+
+    Shape:
+        border (B, 1, H, W) in [thresh_min, thresh_max], mask (B, 1, H, W) in {0, 1} -> (B, 1, H, W) float32
+    """
+    depth = 1.0 - band_weights(border, thresh_min, thresh_max)
+    return torch.where(mask.bool(), depth, -depth)
+
+
+def sdf_loss(main_logits: Tensor, sdf: Tensor) -> Tensor:
+    """L1 of ``tanh(main)`` against the signed distance ``s``: ``(B, 1, H, W), (B, 1, H, W) -> ()``.
+
+    Minimised by ``tanh(main) = s``. Unlike the core map (a binary blob inside each lesion), ``s`` changes sign
+    exactly at the lesion edge and varies linearly across it, so features that regress it must locate the edge.
+    """
+    return (torch.tanh(main_logits.float()) - sdf.float()).abs().mean()
+
+
+def symmetric_threshold(sdf: Tensor, thresh_min: float, thresh_max: float) -> Tensor:
+    """A threshold target centred on the edge: 0.5 on the boundary, up to ``0.5 + (max - min) / 2`` at depth D
+    inside and down to ``0.5 - (max - min) / 2`` at distance D outside (0.7 / 0.3 with the defaults).
+
+    With it the binarisation ``sigmoid(k (P - T))`` asks for P > 0.5 just inside the edge and P < 0.5 just outside:
+    its zero-margin line is the true edge, where the border map (``thresh_max`` on both sides of the boundary)
+    asks inside pixels for P > 0.7 and lets outside pixels sit anywhere below 0.7.
+    """
+    return 0.5 + 0.5 * (thresh_max - thresh_min) * sdf.float()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import segmentation_models_pytorch as smp
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,6 +30,9 @@ from .functional import (
     core_loss,
     edge_loss,
     mask_logits,
+    sdf_loss,
+    signed_distance,
+    symmetric_threshold,
     threshold_loss,
 )
 from .presets import LOSS_WEIGHTS, ADSTConfig, get_config
@@ -40,7 +44,16 @@ if TYPE_CHECKING:
 __all__ = ["ADSTLoss", "DiceBCELoss"]
 
 #: Config fields the loss may override (the head's structure stays the model's).
-LOSS_FIELDS = (*LOSS_WEIGHTS, "db_steepness", "detach_threshold", "shrink_ratio", "thresh_min", "thresh_max")
+LOSS_FIELDS = (
+    *LOSS_WEIGHTS,
+    "db_steepness",
+    "detach_threshold",
+    "main_target",
+    "threshold_target",
+    "shrink_ratio",
+    "thresh_min",
+    "thresh_max",
+)
 
 
 class DiceBCELoss(nn.Module):
@@ -175,13 +188,22 @@ class ADSTLoss(nn.Module):
                 check_mask_matches(value, logits, f"ADSTLoss ({name})")
             core, border = core.to(logits.device), border.to(logits.device)
         band = band_weights(border, c.thresh_min, c.thresh_max)
-        terms: dict[str, tuple[float, Tensor]] = {"core": (c.w_core, core_loss(maps.main, core))}
+        sdf = signed_distance(border, target, c.thresh_min, c.thresh_max)
+        terms: dict[str, tuple[float, Tensor]] = {}
+        if c.main_target == "sdf":
+            terms["sdf"] = (c.w_core, sdf_loss(maps.main, sdf))
+        else:
+            terms["core"] = (c.w_core, core_loss(maps.main, core))
         if c.edge_input == "logits":
             terms["edge"] = (c.w_edge, edge_loss(maps.edge, border))
         if c.fused_role == "mask":
             terms["fused"] = (c.w_fused, self.fused_loss(maps.fused, target.to(maps.fused.dtype)))
         else:
-            terms["threshold"] = (c.w_threshold, threshold_loss(maps.fused, border, band))
+            if c.threshold_target == "symmetric":  # every pixel: T is centred on the edge, not only near it
+                t_target, t_where = symmetric_threshold(sdf, c.thresh_min, c.thresh_max), torch.ones_like(band)
+            else:
+                t_target, t_where = border, band
+            terms["threshold"] = (c.w_threshold, threshold_loss(maps.fused, t_target, t_where))
             binary = binarization_loss(logits, maps.fused, target, c.db_steepness, c.detach_threshold)
             terms["binary"] = (c.w_binary, binary)
         if c.w_boundary > 0:

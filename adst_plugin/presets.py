@@ -35,7 +35,9 @@ __all__ = [
     "FUSED_ROLES",
     "HEAD_INPUTS",
     "LOSS_WEIGHTS",
+    "MAIN_TARGETS",
     "PRESETS",
+    "THRESHOLD_TARGETS",
     "ADSTConfig",
     "get_config",
 ]
@@ -47,6 +49,11 @@ HEAD_INPUTS = ("features", "logits")
 EDGE_INPUTS = ("logits", "probs")
 #: What the fused map is: mask logits (paper) or the logits of a DBNet threshold map T.
 FUSED_ROLES = ("mask", "threshold")
+#: What the main map is supervised by: the DBNet core (BCE) or the signed distance to the edge (L1 on tanh).
+MAIN_TARGETS = ("core", "sdf")
+#: What the threshold map T is supervised by: the border map on the border band (DBNet), or the symmetric target
+#: 0.5 + (max - min) / 2 * s on every pixel (zero margin on the true edge).
+THRESHOLD_TARGETS = ("border", "symmetric")
 #: The loss-weight fields of :class:`ADSTConfig`, in the order of ``ADSTLoss.last_terms``.
 LOSS_WEIGHTS = ("w_mask", "w_core", "w_edge", "w_fused", "w_threshold", "w_binary", "w_boundary")
 
@@ -71,6 +78,8 @@ class ADSTConfig:
         db_steepness: k of the binarisation ``sigmoid(k (P - T))``.
         detach_threshold: T enters the binarisation detached, so the binary term trains the model's logits
             only and T is shaped by the border map alone.
+        main_target: see :data:`MAIN_TARGETS`; the ``w_core`` term regresses it.
+        threshold_target: see :data:`THRESHOLD_TARGETS`; the ``w_threshold`` term regresses it.
 
     Loss weights (0 switches a term off; a term that does not apply to the role must be 0):
         w_mask: base loss on the mask logits.
@@ -95,6 +104,8 @@ class ADSTConfig:
     fused_role: str = "threshold"
     db_steepness: float = DB_STEEPNESS
     detach_threshold: bool = True
+    main_target: str = "core"
+    threshold_target: str = "border"
     w_mask: float = 1.0
     w_core: float = 1.0
     w_edge: float = 0.0
@@ -108,7 +119,13 @@ class ADSTConfig:
 
     def __post_init__(self) -> None:
         where = "ADSTConfig"
-        for name, valid in (("head_input", HEAD_INPUTS), ("edge_input", EDGE_INPUTS), ("fused_role", FUSED_ROLES)):
+        for name, valid in (
+            ("head_input", HEAD_INPUTS),
+            ("edge_input", EDGE_INPUTS),
+            ("fused_role", FUSED_ROLES),
+            ("main_target", MAIN_TARGETS),
+            ("threshold_target", THRESHOLD_TARGETS),
+        ):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{where}: unknown {name} {getattr(self, name)!r}; valid options are {valid}")
         if not isinstance(self.head_stride, int) or isinstance(self.head_stride, bool) or self.head_stride < 1:

@@ -356,6 +356,8 @@ PEER_ARMS: dict[str, str] = {
     "auxfcn": "--no-adst --aux-fcn 0.4",
     # mmseg's placement: an intermediate stage (smp Unet depth 5: decoder.blocks.2, 64 ch at stride 4).
     "auxfcn-mid": "--no-adst --aux-fcn 0.4 --aux-fcn-features decoder.blocks.2",
+    # nnU-Net: a 1x1 head on each decoder stage, downsampled masks, weights halving per scale.
+    "dsv": "--no-adst --deep-supervision",
 }
 #: What study.py reads (``adst_examples.peers.ARMS``).
 ARMS = PEER_ARMS
@@ -390,3 +392,4 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="submodule the auxiliary FCN head reads, e.g. decoder.blocks.2 [%(default)s]",
     )
+    g.add_argument("--deep-supervision", action="store_true", help="nnU-Net-style deep supervision (with --no-adst)")

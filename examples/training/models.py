@@ -17,9 +17,10 @@ from typing import Any
 import segmentation_models_pytorch as smp
 from torch import nn
 
+from adst_examples.deep_supervision import DeepSupervisionLoss, DeepSupervisionModel
 from adst_examples.peers import AuxFCNLoss, AuxFCNModel, add_peer_arguments, build_loss
 from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTConfig, ADSTLoss, ADSTModel, get_config, wrap_with_adst
-from adst_plugin.presets import EDGE_INPUTS, FUSED_ROLES, HEAD_INPUTS
+from adst_plugin.presets import EDGE_INPUTS, FUSED_ROLES, HEAD_INPUTS, MAIN_TARGETS, THRESHOLD_TARGETS
 
 __all__ = [
     "ARCHS",
@@ -37,7 +38,13 @@ __all__ = [
 ARCHS: dict[str, str] = {key: cls.__name__ for key, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
 #: The ADSTConfig fields that become flags (``--feature-grad``, ``--w-boundary``, ...).
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ADSTConfig))
-_CHOICES = {"head_input": HEAD_INPUTS, "edge_input": EDGE_INPUTS, "fused_role": FUSED_ROLES}
+_CHOICES = {
+    "head_input": HEAD_INPUTS,
+    "edge_input": EDGE_INPUTS,
+    "fused_role": FUSED_ROLES,
+    "main_target": MAIN_TARGETS,
+    "threshold_target": THRESHOLD_TARGETS,
+}
 
 
 def _arch(name: str) -> str:
@@ -102,6 +109,8 @@ def check_model_args(args: argparse.Namespace) -> None:
         return
     if args.aux_fcn > 0:
         raise ValueError("--aux-fcn: the peer FCN head replaces the ADST head; add --no-adst")
+    if args.deep_supervision:
+        raise ValueError("--deep-supervision: the peer heads replace the ADST head; add --no-adst")
     try:
         get_config(args.preset, **config_overrides(args))
     except (TypeError, ValueError) as exc:
@@ -120,8 +129,12 @@ def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
     )
     if not args.no_adst:
         return wrap_with_adst(model, args.preset, **config_overrides(args))
+    if args.aux_fcn > 0 and args.deep_supervision:
+        raise ValueError("--aux-fcn and --deep-supervision are two peer heads; pick one")
     if args.aux_fcn > 0:
         return AuxFCNModel(model, features=args.aux_fcn_features)
+    if args.deep_supervision:
+        return DeepSupervisionModel(model)
     return model
 
 
@@ -132,12 +145,14 @@ def build_criterion(args: argparse.Namespace, model: nn.Module) -> nn.Module:
         return ADSTLoss(model, base)
     if isinstance(model, AuxFCNModel):
         return AuxFCNLoss(model, base, weight=args.aux_fcn)
+    if isinstance(model, DeepSupervisionModel):
+        return DeepSupervisionLoss(model, base)
     return ADSTLoss(None, base)
 
 
 def export_model(model: nn.Module) -> nn.Module:
     """A plain copy of the trained model for inference: any auxiliary head is left behind."""
-    if isinstance(model, (ADSTModel, AuxFCNModel)):
+    if isinstance(model, (ADSTModel, AuxFCNModel, DeepSupervisionModel)):
         return model.export()
     return copy.deepcopy(model).eval()
 
