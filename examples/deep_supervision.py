@@ -63,7 +63,9 @@ class DeepSupervisionModel(HeadWrapper):
         self.stages = list(stages) if stages is not None else default_stages(model)
         modules = [resolve_module(model, path, "DeepSupervisionModel") for path in self.stages]
         self._taps = [FeatureTap(module) for module in modules]
-        channels = [feature_channels(model, p, m, "DeepSupervisionModel") for p, m in zip(self.stages, modules)]
+        channels = [
+            feature_channels(model, p, m, "DeepSupervisionModel") for p, m in zip(self.stages, modules, strict=True)
+        ]
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in channels)
         self._arm()
 
@@ -78,7 +80,7 @@ class DeepSupervisionModel(HeadWrapper):
         if self.training:
             check_bchw(mask_logits(output), "mask logits", "DeepSupervisionModel", channels=1)
             aux = []
-            for path, tap, head in zip(self.stages, self._taps, self.heads):
+            for path, tap, head in zip(self.stages, self._taps, self.heads, strict=True):
                 features = tap.pop()
                 if features is None:
                     raise RuntimeError(f"DeepSupervisionModel: {path!r} did not run during forward; check stages=")
@@ -139,7 +141,7 @@ class DeepSupervisionLoss(nn.Module):
                 "loss call; call model(images) once before each criterion(logits, masks)"
             )
         aux_total = torch.zeros((), device=logits.device)
-        for weight, stage in zip(self.weights[1:], aux):
+        for weight, stage in zip(self.weights[1:], aux, strict=True):
             small = F.interpolate(target, size=stage.shape[-2:], mode="nearest-exact")
             aux_total = aux_total + weight * self.base_loss(stage.to(logits.dtype), small)
         total = self.weights[0] * main + aux_total
