@@ -11,7 +11,7 @@ from PIL import Image
 
 from adst_examples.data import cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 

@@ -236,8 +236,8 @@ def test_peer_arms_parse_with_the_peer_flags() -> None:
         assert tokens[0] == "--no-adst", arm
         args = _parser().parse_args(tokens[1:])
         assert args.loss in LOSSES
-        key = (args.loss, args.hausdorff_weight, args.aux_fcn, args.aux_fcn_features)
-        assert key not in seen and key != (defaults.loss, defaults.hausdorff_weight, 0.0, "decoder"), arm
+        key = (args.loss, args.hausdorff_weight, args.aux_fcn, args.aux_fcn_features, args.deep_supervision)
+        assert key not in seen and key != (defaults.loss, defaults.hausdorff_weight, 0.0, "decoder", False), arm
         seen.add(key)
         if args.aux_fcn > 0:  # the stage exists in the study's model (smp Unet, encoder depth 5)
             AuxFCNModel(smp.Unet("resnet18", encoder_weights=None, classes=1), features=args.aux_fcn_features)

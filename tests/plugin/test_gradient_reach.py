@@ -21,7 +21,7 @@ from adst_plugin.presets import LOSS_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")  # small tensors: one thread is faster on 2 cores
 
-DESIGN_MD = Path(__file__).resolve().parents[1] / "docs" / "design.md"
+DESIGN_MD = Path(__file__).resolve().parents[2] / "docs" / "design.md"
 
 #: Parameter-name prefixes of each group of the wrapper.
 GROUPS = {

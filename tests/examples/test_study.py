@@ -17,7 +17,7 @@ from scipy import stats as sps
 
 study = pytest.importorskip("adst_examples.study")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _result(dataset: str, arm: str, seed: int, dice: float, val: float, s_step: float = 0.1) -> dict[str, Any]:
@@ -104,6 +104,7 @@ def test_bad_arms_and_flags(tmp_path: Path) -> None:
         study.main([*base, "--not-a-flag", "3"])
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
     argv = ["--datasets", "synthetic", "--img-size", "32", "--epochs", "1", "--seeds", "1", "--synthetic-n", "16",
             "--max-steps", "1", "--batch-size", "4", "--encoder", "resnet18", "--no-progress", "--arms", "baseline",
@@ -131,6 +132,7 @@ def test_registry_has_the_planned_arms() -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_device_script_rehearsal_and_resume(tmp_path: Path) -> None:
     out, study_dir = tmp_path / "out", tmp_path / "study"
     env = {
@@ -292,6 +294,7 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has exited; nobody may be left to reap it
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 @pytest.mark.parametrize("watch", [True, False])
 def test_a_killed_study_leaves_no_worker_training(tmp_path, watch):

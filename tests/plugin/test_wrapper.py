@@ -44,6 +44,7 @@ def test_twelve_architectures_are_covered():
     assert len(ARCHS) == 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_and_preset_wraps_trains_and_exports(arch, preset):
