@@ -93,7 +93,6 @@ RULE = (
     "(datasets.<name>.arms.<arm>.paired_val.dice.mean); test metrics are reported, never used to choose."
 )
 DATA_DIRS = {"busi": "Dataset_BUSI_with_GT", "kvasir": "Kvasir-SEG", "isic2018": "ISIC2018"}
-REPO = Path(__file__).resolve().parents[1]
 
 
 class UsageError(Exception):
@@ -142,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-augment", action="store_true", help="no augmentation")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"), help="folder holding the datasets")
-    g.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"), help="where the dataset caches live")
+    g.add_argument("--data-root", default="../shared/data", help="folder holding the datasets [%(default)s]")
+    g.add_argument("--cache-dir", default="runs/cache", help="where the dataset caches live [%(default)s]")
     g.add_argument("--rebuild-cache", action="store_true")
     g.add_argument("--prepare-cache", action="store_true", help="build the caches of --datasets, then stop")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the shared train/val/test split")

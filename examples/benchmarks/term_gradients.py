@@ -26,7 +26,6 @@ from adst_examples.training.models import config_overrides
 from adst_plugin import ADSTLoss, wrap_with_adst
 from adst_plugin.presets import LOSS_WEIGHTS
 
-REPO = Path(__file__).resolve().parents[2]
 EXPORTED = ("model.encoder.", "model.decoder.", "model.segmentation_head.")
 
 
@@ -97,8 +96,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arm", action="append", help="a preset name, or name='<train.py ADST flags>' (repeatable)")
     p.add_argument("--dataset", choices=("synthetic", "busi", "kvasir"), default="synthetic")
-    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--cache-dir", default=str(REPO / "runs" / "cache"))
+    p.add_argument("--data-root", default="../shared/data", help="relative to the current folder [%(default)s]")
+    p.add_argument("--cache-dir", default="runs/cache", help="[%(default)s]")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, default=4, help="batches the norms are averaged over")
