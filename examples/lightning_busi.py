@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader, Subset
 
 from adst_examples.data import BUSIDataset, make_split, split_indices
+from adst_examples.training.engine import AUX_FADES, fade_factor
 from adst_plugin import ADSTLoss, wrap_with_adst  # ADST
 
 __all__ = ["AUX_FADES", "ADSTExtras", "BUSIModel", "RecipeResult", "build_parser", "fade_factor", "main"]
@@ -51,18 +51,6 @@ __all__ = ["AUX_FADES", "ADSTExtras", "BUSIModel", "RecipeResult", "build_parser
 #: ImageNet statistics (what smp's ``imagenet`` encoder weights expect); 1-channel images use their mean.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: ``--aux-fade`` choices.
-AUX_FADES = ("none", "linear", "cosine")
-
-
-def fade_factor(mode: str, epoch: int, epochs: int) -> float:
-    """``aux_scale`` for 0-based ``epoch``: 1 throughout (``none``), or from 1 (first) to 0 (last epoch)."""
-    if mode not in AUX_FADES:
-        raise ValueError(f"fade_factor: expected one of {AUX_FADES}, got {mode!r}")
-    if mode == "none" or epochs <= 1:
-        return 1.0
-    t = min(epoch / (epochs - 1), 1.0)
-    return 1.0 - t if mode == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 class BUSIModel(L.LightningModule):

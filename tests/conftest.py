@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -55,3 +56,25 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def write_lesion_folder(root: Path, n: int = 12, size: int = 32, *, channels: int = 3) -> tuple[Path, Path]:
+    """``root/images/case<i>.png`` and ``root/masks/case<i>.png``: noisy images with one or two bright discs, the
+    discs as 8-bit masks (a dataset of the user's own, for ``--dataset folder`` and ``--folder``)."""
+    from PIL import Image
+
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        mask = np.zeros((size, size), dtype=bool)
+        for _ in range(1 + i % 2):
+            cy, cx, r = rng.integers(6, size - 6), rng.integers(6, size - 6), rng.integers(3, 7)
+            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        gray = np.clip(60 + 120 * mask + rng.normal(0, 25, (size, size)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(gray) if channels == 1 else Image.fromarray(np.stack([gray] * 3, axis=-1))
+        image.save(images / f"case{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(masks / f"case{i}.png")
+    return images, masks

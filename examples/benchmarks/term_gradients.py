@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from adst_examples.benchmarks._common import build_plain_model
-from adst_examples.study import dataset_kwargs, parse_model_flags
+from adst_examples.studylib import dataset_source, parse_model_flags
+from adst_examples.training.engine import Batch, Optimisation, train_step
 from adst_examples.training.models import config_overrides
 from adst_plugin import ADSTLoss, wrap_with_adst
 from adst_plugin.presets import LOSS_WEIGHTS
@@ -43,10 +44,11 @@ def load_batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Ten
     from adst_examples.data import cache as dcache
 
     # The study's dataset arguments (synthetic: its default size), so the two share their caches.
-    kwargs = dataset_kwargs(args.dataset, argparse.Namespace(synthetic_n=200, data_root=args.data_root))
+    loader, kwargs = dataset_source(args.dataset, data_root=args.data_root, synthetic_n=200, folders={})
     if "root" in kwargs and not Path(kwargs["root"]).is_dir():
         raise SystemExit(f"--dataset {args.dataset}: no folder {kwargs['root']} (see ../shared/data/README.md)")
-    data = dcache.load_cache(dcache.cache_dataset(args.dataset, args.size, args.cache_dir, **kwargs))
+    path = dcache.cache_dataset(args.dataset, args.size, args.cache_dir, loader=loader, **kwargs)
+    data = dcache.load_cache(path)
     train = data.split["train"]
     g = torch.Generator().manual_seed(args.seed)
     order = train[torch.randperm(len(train), generator=g)]
@@ -83,13 +85,11 @@ def _ratio(norms: dict[str, float], term: str) -> float:
 
 
 def train(model, batches, steps: int, lr: float) -> None:
+    """``steps`` steps of the training engine on the full loss (constant LR: the schedule spans 100x the steps)."""
     criterion = ADSTLoss(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = Optimisation.build(model, lr=lr, total_steps=100 * steps, device=batches[0][0].device, min_lr_ratio=1.0)
     for step in range(steps):
-        x, y = batches[step % len(batches)]
-        optimizer.zero_grad(set_to_none=True)
-        criterion(model(x), y).backward()
-        optimizer.step()
+        train_step(model, criterion, opt, Batch(*batches[step % len(batches)]))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -3,8 +3,10 @@
     python examples/benchmarks/train_overhead.py                       # Unet-resnet34, 256², batch 8
     python examples/benchmarks/train_overhead.py --all-archs --size 128 --batch 4 --steps 10
 
-Steps are interleaved A/B/A/B after a warm-up; the ratio of the medians is printed. The ADST step includes
-everything a user pays for: the head, the on-the-fly targets and the auxiliary loss terms.
+Steps are interleaved A/B/A/B after a warm-up; the ratio of the medians is printed. Each step is the training
+engine's :func:`~adst_examples.training.engine.train_step`, the one train.py and the study run (forward under
+autocast, loss in float32 outside it, optimizer and scheduler step). The ADST step includes everything a user pays
+for: the head, the on-the-fly targets and the auxiliary loss terms.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adst_examples.benchmarks._common import ARCH_NAMES, build_plain_model, interleaved_medians
 from adst_examples.training.distributed import describe_device, resolve_device
+from adst_examples.training.engine import Batch, Optimisation, train_step
 from adst_examples.training.models import count_params
-from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTLoss, DiceBCELoss, wrap_with_adst
+from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTLoss, wrap_with_adst
 from adst_plugin.presets import HEAD_INPUTS
 
 
@@ -52,21 +55,16 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
     y = disk.expand(args.batch, 1, -1, -1).float().to(device)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
+    batch = Batch(x, y)
+    total = 3 * (args.steps + args.warmup)  # the Timer's own warm-up calls step too
+
     def step_fn(model, criterion):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = Optimisation.build(model, lr=1e-4, total_steps=total, device=device, amp_dtype=amp_dtype)
+        return lambda: train_step(model, criterion, opt, batch)
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
-
-        return step
-
-    medians = interleaved_medians(
-        {"plain": step_fn(plain, DiceBCELoss()), "adst": step_fn(adst, ADSTLoss(adst))}, args.steps, args.warmup
-    )
+    # The plain model's loss is what train.py builds for --no-adst: ADSTLoss without a model (Dice + BCE).
+    steps = {"plain": step_fn(plain, ADSTLoss(None)), "adst": step_fn(adst, ADSTLoss(adst))}
+    medians = interleaved_medians(steps, args.steps, args.warmup)
     head_flops = flops(lambda: adst(x)) - flops(lambda: plain(x))  # forward FLOPs the head adds
     return {
         "arch": arch,

@@ -5,7 +5,8 @@ in ``{0, 1}``, and has ``names``, ``tags`` and ``in_channels``. :data:`DATASETS`
 what class each builds and which folder arguments it needs; the per-dataset rules (stratify the split by tag, a
 lesion-free tag reported apart) are class attributes of the dataset classes.
 
-Rooms: ``decode`` (files → arrays), ``datasets`` (file layouts), ``synthetic``, ``splits``, ``transforms``.
+Rooms: ``decode`` (files → arrays), ``paired`` (validated image/mask pairs), ``datasets`` (file layouts),
+``synthetic``, ``splits``, ``transforms`` (the one augmentation), ``cache`` (a whole dataset in one file).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from adst_examples.data.datasets import (
     FolderDataset,
     ISIC2018Dataset,
     KvasirSEGDataset,
-    PairedLesionDataset,
-    SamplePair,
 )
 from adst_examples.data.decode import IMAGE_EXTENSIONS
+from adst_examples.data.paired import BadPairsError, MissingPairsError, PairedLesionDataset, SamplePair
 from adst_examples.data.splits import (
     SPLIT_KEYS,
     LesionSplit,
@@ -38,7 +38,7 @@ from adst_examples.data.splits import (
     split_indices,
 )
 from adst_examples.data.synthetic import SyntheticLesionDataset
-from adst_examples.data.transforms import random_rot90, train_transforms
+from adst_examples.data.transforms import augment_batch, random_rot90, train_transforms
 
 __all__ = [
     "BUSI_CLASSES",
@@ -48,14 +48,17 @@ __all__ = [
     "ISIC2018_SUBSETS",
     "SPLIT_KEYS",
     "BUSIDataset",
+    "BadPairsError",
     "DatasetEntry",
     "FolderDataset",
     "ISIC2018Dataset",
     "KvasirSEGDataset",
     "LesionSplit",
+    "MissingPairsError",
     "PairedLesionDataset",
     "SamplePair",
     "SyntheticLesionDataset",
+    "augment_batch",
     "build_dataset",
     "datasets_needing",
     "get_or_create_split",

@@ -1,8 +1,8 @@
-"""A compact, portable cache of a whole dataset at one size, and augmentation that runs on the tensors' device.
+"""A compact, portable cache of a whole dataset at one size.
 
 Why: the study (``examples/study.py``) trains many small runs at once on one GPU. Decoding PNG/JPEG files in
 DataLoader workers would make the CPU the bottleneck; instead every image is decoded once, held on the device as
-``uint8``, and augmented there.
+``uint8``, and augmented there (:func:`adst_examples.data.transforms.augment_batch`, the pipeline train.py uses).
 
 **What the cache file holds** (one ``.npz`` per dataset and size, e.g. ``busi-256.npz``; :func:`cache_path`):
 
@@ -21,19 +21,12 @@ DataLoader workers would make the CPU the bottleneck; instead every image is dec
 :func:`load_cache` decodes everything once (threads; about 2 s for BUSI + Kvasir on 16 cores) into a
 :class:`CachedData` of ``uint8`` images ``(N, C, S, S)`` and ``bool`` masks ``(N, 1, S, S)`` that
 ``.to(device)`` moves to the GPU (250 MB for both datasets at 256²).
-
-**Augmentation** (:func:`augment`): per-sample random flips, quarter turns, a small affine (rotation ±10°,
-translation ±5 %, scale 0.9–1.1) as one ``affine_grid``/``grid_sample`` (images bilinear, masks nearest, so
-masks stay exactly ``{0, 1}``; zeros outside), then brightness/contrast ±0.2 (and saturation ±0.1 for RGB).
-All random numbers are drawn from a CPU ``torch.Generator``, so a run is deterministic given its seed and the
-draws do not depend on the device.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,15 +36,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 __all__ = [
     "CACHE_VERSION",
-    "AugmentConfig",
     "CachedData",
-    "augment",
     "build_cache",
     "cache_dataset",
     "cache_path",
@@ -233,11 +223,17 @@ def load_cache(path: str | Path, *, threads: int = 8) -> CachedData:
     )
 
 
+def _source(dataset_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a cache was built from (folders resolved, other settings as given), recorded in its header."""
+    return {k: str(Path(v).resolve()) if k in ("root", "images", "masks") else v for k, v in dataset_kwargs.items()}
+
+
 def cache_dataset(
     name: str,
     size: int,
     cache_dir: str | Path,
     *,
+    loader: str | None = None,
     split_seed: int = 0,
     rebuild: bool = False,
     **dataset_kwargs: Any,
@@ -245,26 +241,24 @@ def cache_dataset(
     """The cache of dataset ``name`` at ``size``: built from :func:`adst_examples.data.build_dataset` if missing.
 
     The split is :func:`adst_examples.data.make_split` with ``split_seed`` (stratified by tag where the dataset
-    says so, as train.py does). ``dataset_kwargs`` go to ``build_dataset`` (``root=``, ``n=`` for synthetic, ...).
-    An existing file is reused when its header matches (dataset, size, split seed); otherwise it is rebuilt.
+    says so, as train.py does). ``loader`` is the ``build_dataset`` name (default ``name``; ``"folder"`` for a
+    user's folders cached as ``name``); ``dataset_kwargs`` go to it (``root=``, ``images=``/``masks=``, ``n=``).
+    An existing file is reused when its header matches (dataset, size, split seed, source); otherwise it is rebuilt.
     """
     from adst_examples.data import build_dataset, make_split, split_indices
 
     path = cache_path(cache_dir, name, size)
+    expected = {"version": CACHE_VERSION, "dataset": name, "size": size, "split_seed": split_seed}
+    expected["source"] = _source(dataset_kwargs)
     if path.is_file() and not rebuild:
         header = read_header(path)
-        if (header.get("version"), header.get("dataset"), header.get("size"), header.get("split_seed")) == (
-            CACHE_VERSION,
-            name,
-            size,
-            split_seed,
-        ) and header.get("n_requested") == dataset_kwargs.get("n"):
+        if all(header.get(k) == v for k, v in expected.items()):
             return path
-    dataset: Any = build_dataset(name, img_size=size, **dataset_kwargs)
+    dataset: Any = build_dataset(loader or name, img_size=size, **dataset_kwargs)
     labels = dataset.tags if getattr(dataset, "stratify_by_tag", False) else None
     split_names = make_split(dataset.names, seed=split_seed, labels=labels)
     split = split_indices(dataset.names, split_names)
-    meta = {"split_seed": split_seed, "n_requested": dataset_kwargs.get("n")}
+    meta = {"split_seed": split_seed, "source": expected["source"]}
     meta["lesion_free_tag"] = getattr(dataset, "lesion_free_tag", None)
     return build_cache(dataset, split, path, name=name, size=size, meta=meta)
 
@@ -273,99 +267,3 @@ def read_header(path: str | Path) -> dict[str, Any]:
     """The JSON header of a cache file (cheap: the other arrays are not read)."""
     with np.load(Path(path)) as z:
         return json.loads(z["header"].tobytes().decode())
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Augmentation on the device
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """What :func:`augment` does; the defaults mirror train.py's torchvision pipeline (hue jitter left out)."""
-
-    flips: bool = True
-    rot90: bool = True
-    affine: bool = True
-    degrees: float = 10.0
-    translate: float = 0.05
-    scale: tuple[float, float] = (0.9, 1.1)
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.1  # RGB only
-
-
-def _uniform(generator: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-
-
-def augment(
-    images: Tensor,
-    masks: Tensor,
-    generator: torch.Generator,
-    config: AugmentConfig = AugmentConfig(),
-) -> tuple[Tensor, Tensor]:
-    """Randomly augment a batch on its device.
-
-    Args:
-        images: ``uint8`` ``(B, C, S, S)`` (or float in ``[0, 1]``).
-        masks: ``bool``/``{0, 1}`` ``(B, 1, S, S)``.
-        generator: CPU generator that all random draws come from (a fixed number per sample and step).
-        config: What to apply.
-
-    Returns:
-        ``float32`` images in ``[0, 1]`` and ``float32`` masks in ``{0, 1}``, on the input device.
-    """
-    if images.ndim != 4 or masks.ndim != 4 or masks.shape[1] != 1 or images.shape[0] != masks.shape[0]:
-        raise ValueError(
-            f"augment: expected (B, C, H, W) images and (B, 1, H, W) masks, got {images.shape}, {masks.shape}"
-        )
-    b, c, h, w = images.shape
-    device = images.device
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    m = masks.float()
-    # Draw everything (fixed count per sample) on the CPU generator: device-independent and reproducible.
-    flip = torch.rand(b, 2, generator=generator) < 0.5
-    turns = torch.randint(0, 4, (b,), generator=generator)
-    angle = _uniform(generator, b, -config.degrees, config.degrees) * math.pi / 180
-    shift = _uniform(generator, 2 * b, -2 * config.translate, 2 * config.translate).view(b, 2)  # normalised units
-    scale = _uniform(generator, b, *config.scale)
-    bright = _uniform(generator, b, 1 - config.brightness, 1 + config.brightness)
-    contrast = _uniform(generator, b, 1 - config.contrast, 1 + config.contrast)
-    sat = _uniform(generator, b, 1 - config.saturation, 1 + config.saturation)
-
-    eye = torch.eye(2, dtype=torch.float64).expand(b, 2, 2)
-    mat = eye.clone()
-    offset = torch.zeros(b, 2, dtype=torch.float64)
-    if config.affine:
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        mat = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
-        offset = shift
-    if config.rot90 and h == w:
-        quarter = torch.tensor([[[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]], [[0, 1], [-1, 0]]])
-        mat = quarter[turns].to(torch.float64) @ mat
-    if config.flips:
-        signs = torch.where(flip, -1.0, 1.0).to(torch.float64)
-        mat = torch.diag_embed(signs) @ mat
-    geometric = config.affine or config.flips or (config.rot90 and h == w)
-    if geometric:
-        theta = torch.cat([mat, offset[:, :, None]], dim=2).to(device=device, dtype=torch.float32)
-        grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        m = F.grid_sample(m, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    if config.brightness or config.contrast or (c == 3 and config.saturation):
-        view = (b, 1, 1, 1)
-        x = (x * bright.to(device, torch.float32).view(view)).clamp_(0, 1)
-        gray = x.mean(1, keepdim=True) if c == 1 else _gray(x)
-        mean = gray.mean((2, 3), keepdim=True)
-        k = contrast.to(device, torch.float32).view(view)
-        x = (k * x + (1 - k) * mean).clamp_(0, 1)
-        if c == 3:
-            s = sat.to(device, torch.float32).view(view)
-            x = (s * x + (1 - s) * _gray(x)).clamp_(0, 1)
-    return x.contiguous(), m.contiguous()
-
-
-def _gray(x: Tensor) -> Tensor:
-    """ITU-R 601-2 luma of an RGB batch, ``(B, 1, H, W)``."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).to(x.dtype)

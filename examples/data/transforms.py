@@ -1,13 +1,20 @@
-"""Joint image/mask training augmentation with ``torchvision.transforms.v2`` (public API only)."""
+"""The one training augmentation: a joint image/mask ``torchvision.transforms.v2`` pipeline (public API only).
+
+train.py applies it per sample in the DataLoader workers (:class:`~adst_examples.data.LesionSplit`); the study
+applies the same pipeline per sample to its cached batches on the device (:func:`augment_batch`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-__all__ = ["random_rot90", "train_transforms"]
+__all__ = ["augment_batch", "random_rot90", "train_transforms"]
 
 
 def random_rot90() -> v2.RandomChoice:
@@ -70,3 +77,32 @@ def train_transforms(
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1 if rgb else None, hue=0.02 if rgb else None)
         )
     return v2.Compose(ops)
+
+
+def augment_batch(
+    transform: Callable[[Any, Any], tuple[Any, Any]], images: Tensor, masks: Tensor, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Apply ``transform`` to every sample of a batch, on the batch's device, each with its own random draws.
+
+    torchvision draws a transform's parameters from the global CPU RNG; here each sample's draws come from a seed
+    taken from ``generator`` (inside ``torch.random.fork_rng``, so the global RNG is left as it was), so a run is
+    reproducible from its seed and the draws do not depend on the device.
+
+    Args:
+        transform: A joint transform, e.g. :func:`train_transforms`.
+        images: ``(B, C, H, W)`` float in ``[0, 1]``.
+        masks: ``(B, 1, H, W)``.
+        generator: CPU generator of the per-sample seeds.
+
+    Returns:
+        The transformed ``images`` and ``masks`` (same shapes, dtypes and device when the transform keeps them).
+    """
+    seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()
+    out_images, out_masks = [], []
+    with torch.random.fork_rng(devices=[]):
+        for image, mask, seed in zip(images, masks, seeds, strict=True):
+            torch.manual_seed(seed)
+            image, mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+            out_images.append(image.as_subclass(Tensor))
+            out_masks.append(mask.as_subclass(Tensor))
+    return torch.stack(out_images), torch.stack(out_masks)

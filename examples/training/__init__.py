@@ -1,8 +1,11 @@
 """Training of the ADST examples, split by job.
 
-- ``models``: build the model and the criterion from train.py's flags, export, count parameters.
-- ``loop``: loaders, ``train_one_epoch``, ``evaluate`` (every use of the model's outputs and of the loss).
+- ``engine``: the one training step and the epoch over any iterable of batches, the optimisation, the LR default.
+- ``batches``: where batches come from: a DataLoader (train.py) or the on-device dataset cache (the study).
+- ``evaluation``: the one evaluation path (per-epoch validation and the final validation/test).
+- ``session`` and ``fit``: train.py's run: set-up, epochs with checkpoints and logs, export, test.
+- ``models``: build the model and the criterion from the model flags, export, count parameters.
 - ``checkpoints``: checkpoints, RNG states and seeds, JSON / CSV logs.
-- ``distributed``: torchrun's DDP context, device choice, autocast, machine description.
-- ``plots``: curves and test overlays.
+- ``distributed``: torchrun's DDP context, device choice, AMP choice, backends, machine description.
+- ``plots``: curves of the logged loss terms and scores, and test overlays.
 """

@@ -20,7 +20,6 @@ import torch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "epoch_seed",
     "get_rng_state",
     "jsonable",
     "load_checkpoint",
@@ -40,11 +39,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A seed that depends only on ``(seed, epoch, rank)``, so that an epoch's shuffle does not depend on history."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] % 2**63)
 
 
 def get_rng_state(device: torch.device) -> dict[str, Any]:

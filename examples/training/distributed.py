@@ -15,6 +15,7 @@ import torch.distributed as dist
 __all__ = [
     "DistContext",
     "autocast",
+    "configure_backends",
     "describe_device",
     "resolve_amp",
     "resolve_device",
@@ -136,6 +137,17 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
     """``torch.autocast`` for ``dtype``, or a disabled one when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def configure_backends(device: torch.device, *, deterministic: bool = False) -> None:
+    """The numerics every run uses: cuDNN autotuning and TF32 matmuls on CUDA, unless ``deterministic``."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 def describe_device(device: torch.device) -> str:

@@ -4,7 +4,7 @@
 ``--preset`` and one flag per :class:`~adst_plugin.ADSTConfig` field, generated from the dataclass, so a head or loss
 default has one source (:mod:`adst_plugin.presets`); a flag left out keeps the preset's value. The peers' flags
 (``--loss``, ``--aux-fcn``) come from :mod:`adst_examples.peers`. The code that uses the model's outputs and the loss
-is in :mod:`adst_examples.training.loop`.
+is the engine's (:mod:`adst_examples.training.engine`).
 """
 
 from __future__ import annotations

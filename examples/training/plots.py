@@ -15,12 +15,25 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["OverlayRow", "curves_figure", "overlay_figure", "plot_curves", "plot_overlays"]
+__all__ = ["OverlayRow", "curves_figure", "loss_keys", "overlay_figure", "plot_curves", "plot_overlays"]
 
-#: Loss-panel columns of a log row (those that are present are drawn).
-LOSS_KEYS = ("train_total", "train_mask", "train_main", "train_edge", "train_fused", "val_loss")
 #: Score-panel columns of a log row.
 SCORE_KEYS = ("val_dice", "val_iou", "train_dice")
+#: ``train_*`` columns that are not loss terms.
+NOT_LOSS = frozenset({"train_dice", "train_s"})
+
+
+def loss_keys(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The loss columns the run logged: every ``train_<term>`` (``total`` first, then in logging order) and
+    ``val_loss``. Whatever terms the preset trains (``core``/``threshold``/``binary``, ``main``/``edge``/``fused``,
+    a peer's ``aux``) are drawn."""
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k.startswith("train_") and k not in NOT_LOSS and k not in keys]
+    keys.sort(key=lambda k: k != "train_total")
+    return keys + (["val_loss"] if any("val_loss" in row for row in history) else [])
+
+
 _DPI = 110
 
 
@@ -35,7 +48,7 @@ def curves_figure(history: Sequence[Mapping[str, Any]], title: str = "") -> Figu
         if any(v is not None for v in values):
             ax.plot(epochs, [math.nan if v is None else v for v in values], style, marker=".", label=key)
 
-    for key in LOSS_KEYS:
+    for key in loss_keys(history):
         draw(ax_loss, key, "--" if key == "val_loss" else "-")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     for key in SCORE_KEYS:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 
-from adst_examples.data import cache
+from adst_examples.data import augment_batch, cache, train_transforms
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -102,30 +103,49 @@ def test_wrong_size_is_refused(tmp_path: Path) -> None:
         cache.build_cache(ds, {"train": [0], "val": [1], "test": []}, tmp_path / "x.npz", name="x", size=16)
 
 
+# The study's augmentation: train.py's torchvision pipeline, applied per sample to cached batches on the device.
+
+
 def _batch(b: int = 6, c: int = 3, s: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
-    images = torch.randint(0, 256, (b, c, s, s), generator=g, dtype=torch.uint8)
-    masks = torch.zeros(b, 1, s, s, dtype=torch.bool)
-    masks[:, :, 6:15, 4:12] = True
+    images = torch.randint(0, 256, (b, c, s, s), generator=g, dtype=torch.uint8).float() / 255
+    masks = torch.zeros(b, 1, s, s)
+    masks[:, :, 6:15, 4:12] = 1
     return images, masks
 
 
-def test_augment_is_deterministic_and_per_sample() -> None:
+def _augment(images, masks, seed: int, **switches: bool):
+    transform = train_transforms(images.shape[1], images.shape[-1], **switches)
+    return augment_batch(transform, images, masks, torch.Generator().manual_seed(seed))
+
+
+def test_augment_batch_is_deterministic_per_sample_and_leaves_the_global_rng() -> None:
     images, masks = _batch()
-    a = cache.augment(images, masks, torch.Generator().manual_seed(3))
-    b = cache.augment(images, masks, torch.Generator().manual_seed(3))
-    c = cache.augment(images, masks, torch.Generator().manual_seed(4))
+    state = torch.get_rng_state()
+    a, b, c = _augment(images, masks, 3), _augment(images, masks, 3), _augment(images, masks, 4)
+    assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
     same = images[:1].expand_as(images).contiguous()  # identical inputs: different draws per sample
-    out, _ = cache.augment(same, masks, torch.Generator().manual_seed(3))
+    out, _ = _augment(same, masks, 3)
     assert not all(torch.equal(out[0], out[i]) for i in range(1, len(out)))
 
 
-def test_augment_shapes_ranges_and_binary_masks() -> None:
+def test_augment_batch_is_train_transforms_applied_to_each_sample() -> None:
+    images, masks = _batch(c=1)
+    x, m = _augment(images, masks, 7)
+    seeds = torch.randint(0, 2**62, (len(images),), generator=torch.Generator().manual_seed(7)).tolist()
+    transform = train_transforms(1, 24)
+    for i, seed in enumerate(seeds):  # what LesionSplit does to one sample in a DataLoader worker
+        torch.manual_seed(seed)
+        xi, mi = transform(tv_tensors.Image(images[i]), tv_tensors.Mask(masks[i]))
+        assert torch.equal(x[i], xi.as_subclass(torch.Tensor)) and torch.equal(m[i], mi.as_subclass(torch.Tensor))
+
+
+def test_augment_batch_shapes_ranges_and_binary_masks() -> None:
     images, masks = _batch(c=1)
     for seed in range(5):
-        x, m = cache.augment(images, masks, torch.Generator().manual_seed(seed))
+        x, m = _augment(images, masks, seed)
         assert x.shape == images.shape and m.shape == masks.shape
         assert x.dtype == torch.float32 and m.dtype == torch.float32
         assert x.min() >= 0 and x.max() <= 1
@@ -134,29 +154,26 @@ def test_augment_shapes_ranges_and_binary_masks() -> None:
 
 def test_flips_and_quarter_turns_alone_are_exact_permutations() -> None:
     images, masks = _batch(b=16)
-    cfg = cache.AugmentConfig(affine=False, brightness=0, contrast=0, saturation=0)
-    x, m = cache.augment(images, masks, torch.Generator().manual_seed(0), cfg)
-    ref = images.float() / 255
+    x, m = _augment(images, masks, 0, affine=False, color=False)
     for i in range(len(x)):
-        candidates = [torch.rot90(r, k, (1, 2)) for r in (ref[i], ref[i].flip(2)) for k in range(4)]
-        assert any(torch.allclose(x[i], cand, atol=1e-5) for cand in candidates)
+        candidates = [torch.rot90(r, k, (1, 2)) for r in (images[i], images[i].flip(2)) for k in range(4)]
+        assert any(torch.equal(x[i], cand) for cand in candidates)
         assert m[i].sum() == masks[i].sum()  # a permutation keeps every mask pixel
 
 
 def test_no_augmentation_is_identity() -> None:
     images, masks = _batch()
-    cfg = cache.AugmentConfig(flips=False, rot90=False, affine=False, brightness=0, contrast=0, saturation=0)
-    x, m = cache.augment(images, masks, torch.Generator().manual_seed(0), cfg)
-    torch.testing.assert_close(x, images.float() / 255)
-    assert torch.equal(m, masks.float())
+    x, m = _augment(images, masks, 0, flips=False, rot90=False, affine=False, color=False)
+    assert torch.equal(x, images) and torch.equal(m, masks)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_augment_same_draws_on_cuda() -> None:
+def test_augment_batch_same_draws_on_cuda() -> None:
     images, masks = _batch()
-    cpu = cache.augment(images, masks, torch.Generator().manual_seed(3))
-    gpu = cache.augment(images.cuda(), masks.cuda(), torch.Generator().manual_seed(3))
+    cpu = _augment(images, masks, 3)
+    gpu = _augment(images.cuda(), masks.cuda(), 3)
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-4, rtol=0)
+    assert torch.equal(gpu[1].cpu(), cpu[1])
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "Dataset_BUSI_with_GT").is_dir(), reason="needs ../shared/data")

@@ -13,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import cdist
 
 from adst_examples import metrics
+from adst_examples.stats import MeanStd
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -192,21 +193,21 @@ def test_accumulator_mean_std_and_exclusion() -> None:
     assert acc.per_image("dice", exclude={"normal"}) == pytest.approx(dice[:2])
     nothing = acc.summary(exclude={"benign", "malignant", "normal"})
     assert nothing["iou"].n == 0 and math.isnan(nothing["iou"].mean)
-    assert str(metrics.MeanStd(0.81234, 0.1, 5)) == "0.8123 ± 0.1000"
+    assert str(MeanStd(0.81234, 0.1, 5)) == "0.8123 ± 0.1000"
     assert acc.format(exclude={"normal"}).endswith("(n=2)") and "dice 0.8333 ± 0.1667" in acc.format({"normal"})
 
 
 def test_accumulator_state_merge_and_duplicates() -> None:
-    a = metrics.MetricAccumulator(["dice", "hd95"])
+    a = metrics.MetricAccumulator(["dice", "hd95"], small_lesions=False)
     a.add({"dice": [0.5, 1.0], "hd95": torch.tensor([3.0, 0.0])}, tags=["x", "y"], names=["n1", "n2"])
-    b = metrics.MetricAccumulator(["dice", "hd95"])
+    b = metrics.MetricAccumulator(["dice", "hd95"], small_lesions=False)
     b.add({"dice": np.array([0.25]), "hd95": [7.0]}, tags=["x"], names=["n1"])  # DDP padding duplicate
     state = a.state()
     state["values"]["dice"].append(99.0)  # state is a copy
     assert a.values["dice"] == [0.5, 1.0]
     merged = metrics.MetricAccumulator.from_state(a.state())
     merged.merge(b.state())
-    merged.merge(metrics.MetricAccumulator(["dice", "hd95"]))
+    merged.merge(metrics.MetricAccumulator(["dice", "hd95"], small_lesions=False))
     assert merged.values["dice"] == [0.5, 1.0, 0.25] and merged.names == ["n1", "n2", "n1"]
     assert merged.drop_duplicates() == 1
     assert merged.values == {"dice": [0.5, 1.0], "hd95": [3.0, 0.0]} and merged.tags == ["x", "y"]

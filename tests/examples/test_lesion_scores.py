@@ -1,4 +1,5 @@
-"""Tests of examples/lesion_scores.py against independent brute-force implementations (pure Python loops)."""
+"""Tests of adst_examples.metrics.lesions (boundary IoU, small lesions) and of their pooling by the metric
+accumulator, against independent brute-force implementations (pure Python loops)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from adst_examples import lesion_scores as ls
+from adst_examples.metrics import MetricAccumulator
+from adst_examples.metrics import lesions as ls
 
 # --------------------------------------------------------------------------------------------------------------------
 # Brute force: explicit windows and flood fill, nothing from scipy
@@ -185,10 +187,10 @@ def test_accumulator_pools_over_batches() -> None:
     rng = np.random.default_rng(0)
     p = rng.random((5, 1, 24, 24)) > 0.7
     t = rng.random((5, 1, 24, 24)) > 0.85
-    acc = ls.LesionScoreAccumulator()
+    acc = MetricAccumulator(["boundary_iou"])
     acc.update(torch.from_numpy(p[:2].astype(np.float32)), torch.from_numpy(t[:2]))
     acc.update(torch.from_numpy(p[2:]), torch.from_numpy(t[2:].astype(np.uint8)))
-    out = acc.summary()
+    out = acc.pooled() | {"boundary_iou": acc.summary()["boundary_iou"].mean}
     expected_b = np.mean([_bf_boundary_iou(a[0], b[0], 1) for a, b in zip(p, t, strict=True)])
     assert out["boundary_iou"] == pytest.approx(expected_b)
     totals = np.sum([_bf_small(a[0], b[0], 0.01) for a, b in zip(p, t, strict=True)], axis=0)
@@ -196,6 +198,14 @@ def test_accumulator_pools_over_batches() -> None:
     assert out["small_recall"] == pytest.approx(totals[0] / totals[1])
     assert out["small_dice"] == pytest.approx(2 * totals[2] / (totals[3] + totals[4]))
     # logits with threshold 0
-    acc0 = ls.LesionScoreAccumulator(threshold=0.0)
+    acc0 = MetricAccumulator(["boundary_iou"], threshold=0.0)
     acc0.update(torch.from_numpy(np.where(p, 3.0, -3.0)), torch.from_numpy(t))
-    assert acc0.summary()["boundary_iou"] == pytest.approx(expected_b)
+    assert acc0.summary()["boundary_iou"].mean == pytest.approx(expected_b)
+    # Pooled over the kept images only; the counts survive a state round trip (DDP gathering).
+    tags = ["a", "b", "a", "b", "a"]
+    acc1 = MetricAccumulator(["dice"])
+    acc1.update(torch.from_numpy(p), torch.from_numpy(t), tags=tags)
+    kept = np.sum([_bf_small(a[0], b[0], 0.01) for a, b, g in zip(p, t, tags, strict=True) if g == "a"], axis=0)
+    only_a = MetricAccumulator.from_state(acc1.state()).pooled(exclude={"b"})
+    assert only_a["small_lesions"] == kept[1]
+    assert kept[1] > 0 and only_a["small_recall"] == pytest.approx(kept[0] / kept[1])

@@ -1,4 +1,5 @@
-"""Tests of examples/study.py: plan order, budget estimates, the report, resume, and the device script's rehearsal."""
+"""Tests of the study (examples/study.py, the package adst_examples.studylib): plan order, budget estimates, the
+report and its rule, report-only, resume, and the device script's rehearsal."""
 
 from __future__ import annotations
 
@@ -6,23 +7,30 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from scipy import stats as sps
 
-study = pytest.importorskip("adst_examples.study")
+import adst_examples.studylib as study
+from adst_examples.studylib.report import _convergence
+from adst_examples.training.checkpoints import jsonable
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _result(dataset: str, arm: str, seed: int, dice: float, val: float, s_step: float = 0.1) -> dict[str, Any]:
+def _result(
+    dataset: str, arm: str, seed: int, dice: float, val: float, s_step: float = 0.1, val_biou: float | None = None
+) -> dict[str, Any]:
     metrics = {"dice": dice, "iou": dice - 0.1, "hd95": 10 - 10 * dice, "boundary_iou": dice / 2,
                "small_recall": float("nan"), "small_dice": float("nan"), "images": 5.0}  # fmt: skip
+    val_metrics = {**metrics, "dice": val, "boundary_iou": val / 2 if val_biou is None else val_biou}
     return {
         "dataset": dataset,
         "arm": arm,
@@ -37,7 +45,7 @@ def _result(dataset: str, arm: str, seed: int, dice: float, val: float, s_step: 
         "lr": 1e-3,
         "history": [],
         "timing": {"s_per_step": s_step, "s_per_epoch": 10 * s_step, "final_eval_s": 1.0, "total_s": 31 * s_step},
-        "val": {**metrics, "dice": val},
+        "val": val_metrics,
         "test": metrics,
         "device": "cpu",
     }
@@ -81,17 +89,17 @@ def test_report_fields_and_intervals() -> None:
     assert entry["test"]["dice"]["n"] == 4
     assert "paired" not in report["datasets"]["busi"]["arms"]["baseline"]
     assert report["datasets"]["busi"]["choice"]["arm"] == "adst"
-    assert "validation" in report["rule"]
-    text = study.format_markdown(study.jsonable(report))
-    assert "| adst |" in text and "Chosen on validation (among the ADST arms): **adst**" in text
-    json.dumps(study.jsonable(report), allow_nan=False)  # strict JSON: NaN became null
+    assert "validation boundary IoU" in report["rule"]
+    text = study.format_markdown(jsonable(report))
+    assert "| adst |" in text and "Chosen on validation (among the eligible ADST arms): **adst**" in text
+    json.dumps(jsonable(report), allow_nan=False)  # strict JSON: NaN became null
 
 
 def test_parse_epochs() -> None:
-    assert study._parse_epochs("7", ["a", "b"]) == {"a": 7, "b": 7}
-    assert study._parse_epochs("a=5,b=4", ["a", "b"]) == {"a": 5, "b": 4}
+    assert study.parse_epochs("7", ["a", "b"]) == {"a": 7, "b": 7}
+    assert study.parse_epochs("a=5,b=4", ["a", "b"]) == {"a": 5, "b": 4}
     with pytest.raises(study.UsageError):
-        study._parse_epochs("a=5", ["a", "b"])
+        study.parse_epochs("a=5", ["a", "b"])
 
 
 def test_bad_arms_and_flags(tmp_path: Path) -> None:
@@ -195,18 +203,54 @@ def test_device_script_rehearsal_and_resume(tmp_path: Path) -> None:
     assert math.isfinite(again["wall_s"])
 
 
-def test_the_default_is_chosen_among_the_adst_arms_only() -> None:
-    # A peer (--no-adst) with the best validation difference is reported, but never becomes ADST's default.
-    results = {}
-    for s in range(3):
-        results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70, 0.1)
-        results[study.Job("busi", "adst", s)] = _result("busi", "adst", s, 0.79, 0.69 + 0.001 * s, 0.1)
-        results[study.Job("busi", "focal", s)] = _result("busi", "focal", s, 0.83, 0.75, 0.1)
-    flags = {**study.ARMS, "focal": "--no-adst --loss dice+focal"}
-    report = study.build_report(results, ["busi"], ["baseline", "adst", "focal"], flags)
-    entry = report["datasets"]["busi"]
-    assert entry["arms"]["focal"]["paired_val"]["dice"]["mean"] > entry["arms"]["adst"]["paired_val"]["dice"]["mean"]
-    assert entry["choice"]["arm"] == "adst" and entry["choice"]["beats_baseline_on_val"] is False
+def _rule_study(val_dice: dict[str, list[float]], val_biou: dict[str, list[float]]) -> dict[str, Any]:
+    """A report over arms whose per-seed validation Dice and BIoU are given (test metrics all equal)."""
+    results, flags = {}, {**study.ARMS, "focal": "--no-adst --loss dice+focal"}
+    for arm in val_dice:
+        for s, (dice, biou) in enumerate(zip(val_dice[arm], val_biou[arm], strict=True)):
+            results[study.Job("busi", arm, s)] = _result("busi", arm, s, 0.8, dice, val_biou=biou)
+    return study.build_report(results, ["busi"], list(val_dice), flags)["datasets"]["busi"]
+
+
+def test_the_rule_picks_the_best_boundary_iou_among_non_inferior_adst_arms() -> None:
+    base = [0.70, 0.72, 0.71]
+    entry = _rule_study(
+        {"baseline": base, "adst": [v - 0.002 for v in base], "paper": [v - 0.010 for v in base],
+         "legacy": [v + 0.01 for v in base], "focal": [v + 0.02 for v in base]},
+        {"baseline": [0.30, 0.31, 0.32], "adst": [0.32, 0.335, 0.33], "paper": [0.40, 0.43, 0.41],
+         "legacy": [0.31, 0.325, 0.33], "focal": [0.50, 0.51, 0.50]},
+    )  # fmt: skip
+    choice = entry["choice"]
+    # paper has the best BIoU but loses 1 point of Dice (< -0.5: not eligible); focal is a peer, never the default.
+    assert set(choice["excluded"]) == {"paper"} and "-1.00 points" in choice["excluded"]["paper"]
+    assert choice["eligible"] == ["adst", "legacy"] and choice["arm"] == "adst"
+    assert choice["paired_val_boundary_iou"]["mean"] == pytest.approx(np.mean([0.02, 0.025, 0.01]))
+    assert choice["paired_test_dice"]["mean"] == pytest.approx(0.0)  # reported, not used
+    assert choice["vs_runner_up"]["arm"] == "legacy"
+    # Evidence statements: which ADST arms' BIoU intervals lie above 0 (paper's does; adst's and legacy's?).
+    for arm in ("adst", "paper", "legacy"):
+        diffs = np.subtract(
+            {"adst": [0.32, 0.335, 0.33], "paper": [0.40, 0.43, 0.41], "legacy": [0.31, 0.325, 0.33]}[arm],
+            [0.30, 0.31, 0.32],
+        )
+        lo = sps.ttest_1samp(diffs, 0).confidence_interval(0.95).low
+        assert (arm in choice["biou_above_zero_val"]) == (lo > 0), arm
+    text = study.format_markdown(jsonable({"datasets": {"busi": entry}}))
+    assert "Not eligible: **paper**" in text and "**adst**" in text
+
+
+def test_the_rule_says_plainly_when_no_arm_raises_boundary_iou() -> None:
+    entry = _rule_study(
+        {"baseline": [0.70, 0.72, 0.71], "adst": [0.70, 0.72, 0.71]},
+        {"baseline": [0.30, 0.31, 0.32], "adst": [0.29, 0.33, 0.31]},
+    )
+    assert entry["choice"]["arm"] == "adst" and entry["choice"]["biou_above_zero_val"] == []
+    text = study.format_markdown(jsonable({"datasets": {"busi": entry}}))
+    assert "No ADST arm raises validation boundary IoU with a 95 % interval above 0." in text
+    assert "No ADST arm raises test boundary IoU with a 95 % interval above 0." in text
+    none = _rule_study({"baseline": [0.70, 0.72], "adst": [0.60, 0.62]}, {"baseline": [0.3, 0.3], "adst": [0.4, 0.4]})
+    assert none["choice"]["arm"] is None
+    assert "No ADST arm is eligible" in study.format_markdown(jsonable({"datasets": {"busi": none}}))
 
 
 def test_convergence_check_reads_the_validation_curves() -> None:
@@ -218,28 +262,61 @@ def test_convergence_check_reads_the_validation_curves() -> None:
         r.update(history=[{"epoch": e + 1, "val_dice": v} for e, v in enumerate(curve)], epochs_run=len(curve),
                  best_epoch=1 + curve.index(max(curve)))  # fmt: skip
         runs.append(r)
-    conv = study._convergence(runs, last=3)
+    conv = _convergence(runs, last=3)
     assert conv["best_at_last"] == pytest.approx(0.5)
     assert conv["best_gain_last"]["mean"] == pytest.approx(((0.70 - 0.61) + 0.0) / 2)
     assert conv["best_gain_last"]["n"] == 2
 
 
 def test_the_choice_is_compared_with_the_next_adst_arm() -> None:
-    results = {}
-    paper_val = [0.71, 0.70, 0.72, 0.69]
-    redesign_val = [0.72, 0.705, 0.74, 0.69]
-    for s in range(4):
-        results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70)
-        results[study.Job("busi", "paper", s)] = _result("busi", "paper", s, 0.80, paper_val[s])
-        results[study.Job("busi", "adst", s)] = _result("busi", "adst", s, 0.80, redesign_val[s])
-    report = study.build_report(results, ["busi"], ["baseline", "paper", "adst"], study.ARMS)
-    choice = report["datasets"]["busi"]["choice"]
+    base = [0.30, 0.30, 0.30, 0.30]
+    paper_biou, adst_biou = [0.31, 0.30, 0.32, 0.29], [0.32, 0.305, 0.34, 0.29]
+    entry = _rule_study({a: [0.7] * 4 for a in ("baseline", "paper", "adst")},
+                        {"baseline": base, "paper": paper_biou, "adst": adst_biou})  # fmt: skip
+    choice = entry["choice"]
     assert choice["arm"] == "adst" and choice["vs_runner_up"]["arm"] == "paper"
-    head_to_head = choice["vs_runner_up"]["paired_val_dice"]
-    ci = sps.ttest_rel(redesign_val, paper_val).confidence_interval(0.95)
+    head_to_head = choice["vs_runner_up"]["paired_val_boundary_iou"]
+    ci = sps.ttest_rel(adst_biou, paper_biou).confidence_interval(0.95)
     assert head_to_head["ci95"] == pytest.approx([ci.low, ci.high]) and head_to_head["better"] == 3
-    text = study.format_markdown(study.jsonable(report))
+    text = study.format_markdown(jsonable({"datasets": {"busi": entry}}))
     assert ("a tie on validation" in text) == (ci.low <= 0 <= ci.high)
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "study_v1"
+
+
+def test_report_only_reads_the_runs_of_the_earlier_study_code(tmp_path: Path) -> None:
+    """fixtures/study_v1: result.json files and study_config.json written by the earlier single-file study.py
+    (synthetic 32², 2 epochs, baseline/adst/paper, seeds 0-2)."""
+    out = tmp_path / "old"
+    shutil.copytree(FIXTURE, out)
+    report = study.main(["--out", str(out), "--report-only", "--no-progress"])
+    runs = {
+        (p.parent.parent.name, int(p.parent.name[4:])): json.loads(p.read_text())
+        for p in out.glob("runs/*/*/*/result.json")
+    }
+    entry = report["datasets"]["synthetic"]
+    assert list(entry["arms"]) == ["baseline", "adst", "paper"] and report["report_only"]
+    for arm in ("adst", "paper"):
+        assert entry["arms"][arm]["n_runs"] == 3 and entry["arms"][arm]["flags"] == f"--preset {arm}"
+        for split, key in (("val", "paired_val"), ("test", "paired")):
+            for metric in ("dice", "boundary_iou"):
+                diffs = [runs[arm, s][split][metric] - runs["baseline", s][split][metric] for s in range(3)]
+                assert entry["arms"][arm][key][metric]["mean"] == pytest.approx(np.mean(diffs)), (arm, key, metric)
+    # The rule, recomputed from the files.
+    eligible = {a: entry["arms"][a]["paired_val"] for a in ("adst", "paper")
+                if entry["arms"][a]["paired_val"]["dice"]["mean"] >= -0.005}  # fmt: skip
+    expected = max(eligible, key=lambda a: eligible[a]["boundary_iou"]["mean"]) if eligible else None
+    assert entry["choice"]["arm"] == expected
+    text = (out / "study.md").read_text()
+    assert "| paper |" in text and "Rule (fixed before the runs)" in text
+    # Training into that folder is refused: its runs were made by another engine; --report-only is named.
+    with pytest.raises(study.UsageError, match=r"other settings \(engine\).*--report-only"):
+        study.main(["--out", str(out), "--datasets", "synthetic", "--img-size", "32", "--epochs", "2",
+                    "--max-steps", "1", "--batch-size", "4", "--encoder", "resnet18", "--no-progress",
+                    "--cache-dir", str(tmp_path / "cache"), "--synthetic-n", "16", "--arms", "adst,paper"])  # fmt: skip
+    with pytest.raises(study.UsageError, match="no runs"):
+        study.main(["--out", str(tmp_path / "empty"), "--report-only"])
 
 
 @pytest.mark.slow
@@ -264,7 +341,7 @@ _ORPHAN_SCRIPT = """
 import multiprocessing as mp
 import time
 
-from adst_examples.study import exit_with_parent
+from adst_examples.studylib import exit_with_parent
 
 
 def worker(watch, ready):

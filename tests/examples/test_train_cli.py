@@ -1,4 +1,4 @@
-"""End-to-end tests of the training scripts (train.py, compare.py, ablations.py) on tiny synthetic data (CPU)."""
+"""End-to-end tests of the training scripts (train.py, compare.py) on tiny synthetic data (CPU)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from conftest import ROOT, SHARED_DATA
 from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 
-from adst_examples import ablations, compare, train
+from adst_examples import compare, train
 from adst_examples.data import LesionSplit, SyntheticLesionDataset
 from adst_examples.metrics import METRIC_NAMES
 from adst_examples.training.models import build_criterion, build_model
@@ -110,7 +110,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> 
     assert resumed["best_epoch"] == full["best_epoch"]
 
     def strip(rows: list[dict]) -> list[dict]:
-        return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+        return [{k: v for k, v in row.items() if k not in ("time_s", "train_s")} for row in rows]
 
     for got, want in zip(strip(_read(part / "log.json")), strip(_read(tmp_path / "full" / "log.json")), strict=True):
         assert got == pytest.approx(want, rel=0, abs=1e-6)
@@ -148,7 +148,9 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compare_two_seeds_writes_table_and_is_resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compare_two_seeds_reports_paired_intervals_and_is_resumable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "cmp"
     argv = ["--dataset", "synthetic", "--seeds", "2", "--out", str(out), *TINY, "--max-steps", "1"]
     report = compare.main(argv)
@@ -157,33 +159,29 @@ def test_compare_two_seeds_writes_table_and_is_resumable(tmp_path: Path, monkeyp
             assert (out / f"{variant}-seed{seed}" / "metrics.json").is_file()
     assert not (out / "baseline-seed0" / "split.json").exists()  # the shared split is used
     markdown = (out / "comparison.md").read_text(encoding="utf-8")
-    assert "| baseline |" in markdown and "| ADST |" in markdown
-    assert "Paired test Dice difference" in markdown and "**mean ± std**" in markdown
-    paired = _read(out / "comparison.json")["paired_dice"]
-    assert sorted(paired["per_seed"]) == ["0", "1"]
-    diffs = [row["adst"] - row["baseline"] for row in paired["per_seed"].values()]
-    assert paired["mean"] == pytest.approx(sum(diffs) / 2)
-    assert report["summary"]["adst"]["dice"]["n"] == 2
-    # Settings are chosen on the validation difference, recomputed here from each run's own metrics.json.
-    val = report["paired_val_dice"]
-    for seed in (0, 1):
-        best = {v: _read(out / f"{v}-seed{seed}" / "metrics.json")["best_val"] for v in ("baseline", "adst")}
-        assert val["per_seed"][seed]["diff"] == pytest.approx(
-            best["adst"]["dice"]["mean"] - best["baseline"]["dice"]["mean"]
-        )
-    assert "Paired validation Dice difference" in markdown
+    assert "| baseline |" in markdown and "| adst |" in markdown and "Rule (fixed before the runs)" in markdown
+    arms = _read(out / "comparison.json")["datasets"]["synthetic"]["arms"]
+    # The paired intervals are the study's, recomputed here from each run's own metrics.json.
+    for key, split in (("paired", "test"), ("paired_val", "val")):
+        for metric in ("dice", "boundary_iou"):
+            runs = {v: [_read(out / f"{v}-seed{s}" / "metrics.json")[split][metric]["mean"] for s in (0, 1)]
+                    for v in ("baseline", "adst")}  # fmt: skip
+            diffs = np.subtract(runs["adst"], runs["baseline"])
+            paired = arms["adst"][key][metric]
+            assert paired["n"] == 2 and paired["mean"] == pytest.approx(diffs.mean()), (key, metric)
+            lo, hi = paired["ci95"]
+            assert lo <= paired["mean"] <= hi
+    assert report["datasets"]["synthetic"]["arms"]["adst"]["test"]["dice"]["n"] == 2
 
-    # A tagged ablation shares the baselines; ablations.py tabulates it next to the defaults.
-    tagged = compare.main([*argv, "--tag", "w0", "--adst-flags", "--w-boundary 0"])
-    assert (out / "adst-w0-seed1" / "metrics.json").is_file() and (out / "comparison-w0.md").is_file()
+    # A tagged ablation shares the baselines and joins the same report as its own arm.
+    compare.main([*argv, "--tag", "w0", "--adst-flags", "--w-boundary 0"])
+    assert (out / "adst-w0-seed1" / "metrics.json").is_file()
     assert _read(out / "adst-w0-seed0" / "config.json")["args"]["w_boundary"] == 0
-    rows = {row["tag"]: row for row in ablations.main([str(out)])}
-    assert set(rows) == {"default", "w0"}
-    assert rows["w0"]["flags"] == "--w-boundary 0"
-    assert rows["w0"]["val"]["mean"] == pytest.approx(tagged["paired_val_dice"]["mean"])
-    assert rows["default"]["test"]["mean"] == pytest.approx(paired["mean"])
-    with pytest.raises(FileNotFoundError, match="no comparison"):
-        ablations.collect(tmp_path)
+    arms = _read(out / "comparison.json")["datasets"]["synthetic"]["arms"]
+    assert list(arms) == ["baseline", "adst", "adst-w0"] and arms["adst-w0"]["flags"] == "--w-boundary 0"
+    assert arms["adst"]["paired"]["dice"]["mean"] == pytest.approx(
+        report["datasets"]["synthetic"]["arms"]["adst"]["paired"]["dice"]["mean"]
+    )
 
     # Finished runs are reused: a second call trains nothing.
     def no_training(argv: list[str]) -> dict:
@@ -191,7 +189,9 @@ def test_compare_two_seeds_writes_table_and_is_resumable(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(compare.train, "main", no_training)
     again = compare.main(argv)
-    assert again["paired_dice"]["mean"] == pytest.approx(paired["mean"])
+    assert again["datasets"]["synthetic"]["arms"]["adst"]["paired"]["dice"]["mean"] == pytest.approx(
+        arms["adst"]["paired"]["dice"]["mean"]
+    )
 
 
 @pytest.mark.slow

@@ -24,26 +24,23 @@ image area (655 px at 256²).
 
 Both are ``nan`` when the split holds no small lesion (JSON reports write ``null``).
 
-Inputs follow :mod:`adst_examples.metrics`: ``(B, 1, H, W)`` batches of bool masks, probabilities
-(``>= threshold``) or ``{0, 1}`` targets.
+Inputs are 2-D masks; :class:`~adst_examples.metrics.MetricAccumulator` applies them to each image of a batch
+and pools the small-lesion counts over a split.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass
 
 import numpy as np
-import torch
 from scipy import ndimage
 from torch import Tensor
 
 __all__ = [
     "BOUNDARY_DILATION_RATIO",
-    "SCORE_NAMES",
+    "POOLED_NAMES",
     "SMALL_LESION_FRACTION",
-    "LesionScoreAccumulator",
     "SmallLesionCounts",
     "boundary_dilation",
     "boundary_iou",
@@ -53,8 +50,8 @@ __all__ = [
 
 BOUNDARY_DILATION_RATIO = 0.02
 SMALL_LESION_FRACTION = 0.01
-#: Scores reported by :meth:`LesionScoreAccumulator.summary`, in reporting order.
-SCORE_NAMES: tuple[str, ...] = ("boundary_iou", "small_recall", "small_dice")
+#: Pooled small-lesion scores (over a split, not per image), in reporting order.
+POOLED_NAMES: tuple[str, ...] = ("small_recall", "small_dice")
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -113,6 +110,10 @@ class SmallLesionCounts:
         self.target_pixels += other.target_pixels
         return self
 
+    def as_list(self) -> list[int]:
+        """The five counts, in field order (a plain list for JSON and ``all_gather_object``)."""
+        return list(astuple(self))
+
     @property
     def recall(self) -> float:
         """detected / total (``nan`` without small lesions)."""
@@ -152,51 +153,3 @@ def small_lesion_counts(
     out.pred_pixels = int(matched.sum())
     out.target_pixels = int(small.sum())
     return out
-
-
-def _binary_batch(x: Tensor | np.ndarray, threshold: float) -> np.ndarray:
-    arr = x.detach().cpu() if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))
-    if arr.ndim != 4 or arr.shape[1] != 1:
-        raise ValueError(f"expected shape (B, 1, H, W), got {tuple(arr.shape)}")
-    if arr.dtype == torch.bool:
-        return arr[:, 0].numpy()
-    if arr.is_floating_point():
-        return (arr[:, 0] >= threshold).numpy()
-    return (arr[:, 0] != 0).numpy()
-
-
-@dataclass
-class LesionScoreAccumulator:
-    """Collects boundary IoU per image and pooled small-lesion counts over batches.
-
-    ``update(pred, target)`` takes ``(B, 1, H, W)`` batches; ``pred`` probabilities are binarised with
-    ``>= threshold`` (pass ``threshold=0.0`` for logits), bool and integer masks are used as they are.
-    """
-
-    threshold: float = 0.5
-    boundary: list[float] = field(default_factory=list)
-    small: SmallLesionCounts = field(default_factory=SmallLesionCounts)
-
-    def update(self, pred: Tensor | np.ndarray, target: Tensor | np.ndarray) -> None:
-        """Add a batch."""
-        p, t = _binary_batch(pred, self.threshold), _binary_batch(target, 0.5)
-        if p.shape != t.shape:
-            raise ValueError(f"pred and target shapes differ: {p.shape} vs {t.shape}")
-        for pi, ti in zip(p, t, strict=True):
-            self.boundary.append(boundary_iou(pi, ti))
-            self.small += small_lesion_counts(pi, ti)
-
-    def extend(self, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Add 2-D ``(pred, target)`` bool pairs."""
-        for p, t in pairs:
-            self.boundary.append(boundary_iou(p, t))
-            self.small += small_lesion_counts(p, t)
-
-    def summary(self) -> dict[str, float]:
-        """``boundary_iou`` (mean over images), ``small_recall``, ``small_dice`` and ``small_lesions`` (count)."""
-        return {
-            "boundary_iou": float(np.mean(self.boundary)) if self.boundary else math.nan,
-            "small_recall": self.small.recall,
-            "small_dice": self.small.dice,
-            "small_lesions": float(self.small.total),
-        }

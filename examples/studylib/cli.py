@@ -1,0 +1,219 @@
+"""The study's command line (``python examples/study.py``): plan, resume, run, report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from adst_examples.cli import positive_int
+from adst_examples.studylib.arms import ARMS, BASELINE, parse_model_flags, select_arms
+from adst_examples.studylib.config import StudyConfig, UsageError
+from adst_examples.studylib.datasets import parse_folders, prepare_caches
+from adst_examples.studylib.markdown import format_markdown
+from adst_examples.studylib.plan import check_resume, load_finished, parse_epochs, plan_jobs, read_results
+from adst_examples.studylib.report import build_report
+from adst_examples.studylib.schedule import SerialExecutor, choose_parallel, schedule
+from adst_examples.studylib.workers import WorkerPool, load_datasets, setup_process
+from adst_examples.training.checkpoints import jsonable, write_json
+from adst_examples.training.distributed import resolve_amp, resolve_device
+
+__all__ = ["build_parser", "cli", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """study.py's own flags; every other flag goes to the model/criterion builder."""
+    p = argparse.ArgumentParser(
+        prog="study.py",
+        allow_abbrev=False,
+        description="Train every arm on every dataset for several seeds; paired intervals against the baseline.",
+        epilog="Any other flag goes to the model builder (see train.py --help, group 'model'), for every arm.",
+    )
+    g = p.add_argument_group("what to run")
+    g.add_argument("--datasets", help="comma list: busi, kvasir, isic2018, synthetic, or a --folder NAME [synthetic]")
+    g.add_argument("--arms", help="comma list of arm names (the baseline is always added) [baseline,adst]")
+    g.add_argument(
+        "--arm", action="append", default=[], metavar="NAME=FLAGS", help="define an arm, e.g. 'mine=--preset adst'"
+    )
+    g.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..S-1")
+    g.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds (overrides --seeds)")
+    g.add_argument("--epochs", default="50", help="epochs: N, or per dataset, e.g. busi=50,kvasir=40")
+    g.add_argument("--patience", type=int, default=0, help="stop after N epochs without a better val Dice (0: off)")
+    g.add_argument("--img-size", type=positive_int, default=256, help="square input size (multiple of 32)")
+    g.add_argument("--batch-size", type=positive_int, default=8)
+    g.add_argument("--lr", type=float, help="peak learning rate [synthetic 1e-3, else 3e-4]")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR = lr * ratio (cosine per step)")
+    g.add_argument("--max-steps", type=positive_int, help="at most N steps per epoch (smoke tests)")
+    g.add_argument("--no-augment", action="store_true", help="no augmentation")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default="../shared/data", help="folder holding the named datasets [%(default)s]")
+    g.add_argument(
+        "--folder", nargs=3, action="append", default=[], metavar=("NAME", "IMAGES_DIR", "MASKS_DIR"),
+        help="add a dataset NAME of your own images and same-stem masks (repeatable); name it in --datasets",
+    )  # fmt: skip
+    g.add_argument("--skip-bad", action="store_true", help="skip image/mask pairs that are missing or broken")
+    g.add_argument("--cache-dir", default="runs/cache", help="where the dataset caches live [%(default)s]")
+    g.add_argument("--rebuild-cache", action="store_true")
+    g.add_argument("--prepare-cache", action="store_true", help="build the caches of --datasets, then stop")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the shared train/val/test split")
+    g.add_argument("--synthetic-n", type=positive_int, default=200, help="number of synthetic images")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--out", default="runs/study", help="study folder")
+    g.add_argument("--report-only", action="store_true", help="train nothing: report the result.json files in OUT")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument(
+        "--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="auto: bf16 on CUDA, off on CPU"
+    )
+    g.add_argument("--parallel", type=positive_int, default=1, help="runs at once on the device")
+    g.add_argument("--measure-parallel", action="store_true", help="time N = --parallel-candidates, pick N")
+    g.add_argument("--parallel-candidates", default="1,2,4,8")
+    g.add_argument("--bench-steps", type=positive_int, default=20, help="timed steps per worker in --measure-parallel")
+    g.add_argument("--budget-min", type=float, help="start no run that would end after M minutes")
+    g.add_argument("--threads", type=int, help="torch CPU threads per run [cores / parallel]")
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _names(text: str | None, default: str) -> list[str]:
+    return [d.strip() for d in (text or default).split(",") if d.strip()]
+
+
+def _write(out: Path, report: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    write_json(out / "study.json", report)
+    markdown = format_markdown(jsonable(report))
+    (out / "study.md").write_text(markdown, encoding="utf-8")
+    if not quiet:
+        print(markdown, flush=True)
+    return report
+
+
+def report_only(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """study.json and study.md of the result.json files already in ``--out`` (of this code or an earlier one)."""
+    out = Path(args.out)
+    results = read_results(out)
+    if not results:
+        raise UsageError(f"--report-only: no runs/<dataset>/<arm>/seed<k>/result.json under '{out}'")
+    found = list(dict.fromkeys(j.dataset for j in sorted(results, key=lambda j: j.key)))
+    datasets = _names(args.datasets, ",".join(found))
+    names = sorted({j.arm for j in results}, key=lambda a: (a != BASELINE, a not in ARMS, a))
+    arms = [BASELINE, *(a for a in _names(args.arms, ",".join(names)) if a != BASELINE)]
+    flags = {j.arm: r.get("arm_flags", "") for j, r in results.items()}
+    log(f"[study] reporting {len(results)} runs from {out}")
+    meta = {
+        "command": command,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "report_only": True,
+        "seeds": sorted({j.seed for j in results}),
+        "arms_flags": {a: flags.get(a, "") for a in arms},
+    }
+    return _write(out, build_report(results, datasets, arms, flags, meta), args.no_progress)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the study, or only report it; write study.json and study.md; return the report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, passthrough = build_parser().parse_known_args(argv)
+    command = "python examples/study.py " + " ".join(shlex.quote(a) for a in argv)
+    log = (lambda msg: None) if args.no_progress else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    if args.report_only:
+        return report_only(args, command, log)
+    t_start = time.time()
+    deadline = t_start + 60 * args.budget_min if args.budget_min else None
+    arms, registry = select_arms(args.arms or "baseline,adst", args.arm)
+    folders = parse_folders(args.folder)
+    datasets = _names(args.datasets, "synthetic")
+    seeds = args.seed_list if args.seed_list else list(range(args.seeds))
+    epochs = parse_epochs(args.epochs, datasets)
+    model_args = {a: vars(parse_model_flags([*passthrough, *shlex.split(registry[a])], f"arm {a}")) for a in arms}
+    try:
+        device = resolve_device(args.device)
+        resolve_amp(args.amp, device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out = Path(args.out)
+    cache_files = prepare_caches(
+        datasets, cache_dir=args.cache_dir, img_size=args.img_size, split_seed=args.split_seed,
+        rebuild=args.rebuild_cache, data_root=args.data_root, synthetic_n=args.synthetic_n, folders=folders,
+        skip_bad=args.skip_bad,
+    )  # fmt: skip
+    if args.prepare_cache:
+        log(f"[study] caches: {cache_files}")
+        return {"cache_files": cache_files}
+
+    arm_flags = {a: registry[a] for a in arms}
+    jobs = plan_jobs(datasets, arms, seeds)
+    results = load_finished(out, jobs, arm_flags)
+    pending = [j for j in jobs if j not in results]
+    if results:
+        log(f"[study] resuming: {len(results)} finished runs skipped, {len(pending)} to go")
+    candidates = [int(c) for c in args.parallel_candidates.split(",")] if args.measure_parallel and pending else []
+    n_workers = max([args.parallel, *candidates]) if pending else 0
+    cpu_count = os.cpu_count() or 1
+    cfg = StudyConfig(
+        out=str(out), device=str(device), amp=args.amp, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps,
+        patience=args.patience, augment=not args.no_augment, arm_flags=arm_flags, model_args=model_args,
+        cache_files=cache_files, img_size=args.img_size, passthrough=tuple(passthrough), split_seed=args.split_seed,
+        threads=args.threads or max(1, cpu_count // max(n_workers, 1)),
+    )  # fmt: skip
+    check_resume(out, cfg)
+
+    parallel, throughput, pool = 1, {}, None
+    bar = tqdm(total=len(jobs), initial=len(results), desc="study", disable=args.no_progress, dynamic_ncols=True)
+    try:
+        if n_workers > 1 or candidates:
+            pool = WorkerPool(n_workers, cfg, barrier_sizes=candidates)
+            parallel = args.parallel
+            if candidates:
+                bench_arm = next((a for a in arms if a != BASELINE), BASELINE)
+                spec = {"dataset": datasets[0], "arm": bench_arm, "steps": args.bench_steps, "warmup": 3}
+                parallel, throughput = choose_parallel(pool, candidates, spec, log)
+                log(f"[study] chose --parallel {parallel}")
+            pool.shrink(parallel)
+            executor: Any = pool
+        else:
+            setup_process(device, cfg.threads)
+            executor = SerialExecutor(cfg, load_datasets(cfg, device) if pending else {}, device)
+        outcome = schedule(executor, pending, results, epochs, deadline, log=log, on_done=lambda job: bar.update())
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+
+    meta = {
+        "command": command,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_count} cores)",
+        "torch": torch.__version__,
+        "parallel": parallel,
+        "parallel_throughput_steps_per_s": throughput or None,
+        "budget_min": args.budget_min,
+        "wall_s": time.time() - t_start,
+        "seeds": seeds,
+        "arms_flags": arm_flags,
+        "passthrough": passthrough,
+        "not_run": outcome.not_run,
+        "failed": outcome.failed,
+    }
+    report = build_report(outcome.results, datasets, arms, registry, meta)
+    return _write(out, report, args.no_progress)
+
+
+def cli() -> None:
+    """``python examples/study.py``: usage errors as one line, no traceback."""
+    try:
+        main()
+    except UsageError as exc:
+        sys.exit(f"study.py: error: {exc}")
