@@ -8,7 +8,7 @@ Layout (imports point down this list: a room imports only rooms below it)::
 
     train.py, compare.py, study.py, lightning_busi.py   command lines
     studylib/        the study: arms, datasets (--folder), plan/resume, one run, workers, scheduling, report, markdown
-    training/        fit (train.py's run), session (its set-up), engine (the step and the epoch), batches (DataLoader
+    training/        fit (train.py's run), parts (what it builds), engine (the step and the epoch), batches (DataLoader
                      or cache), evaluation, models (build_model, build_criterion), checkpoints, distributed, plots
     peers.py, deep_supervision.py   the study's peer heads and losses
     data/            datasets by name, decoding, splits, the one augmentation, the dataset cache

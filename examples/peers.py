@@ -1,4 +1,4 @@
-"""Peer arms of the study (issue 12): what a user who wants sharper lesion edges would otherwise pick.
+"""Peer arms of the study: what a user who wants sharper lesion edges would otherwise pick.
 
 Every peer is used as its library ships it; this module only names, combines and weights them.
 

@@ -29,7 +29,7 @@ from adst_examples.training.distributed import resolve_amp, resolve_device, setu
 from adst_examples.training.engine import AUX_FADES, DEFAULT_LR, SYNTHETIC_LR
 from adst_examples.training.fit import run
 from adst_examples.training.models import add_model_arguments, check_model_args
-from adst_examples.training.session import UsageError
+from adst_examples.training.parts import UsageError
 
 __all__ = ["UsageError", "build_parser", "main", "parse_args"]
 

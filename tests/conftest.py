@@ -43,8 +43,7 @@ def unet() -> torch.nn.Module:
     return tiny_unet()
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _few_threads() -> None:
+def pytest_configure(config: pytest.Config) -> None:
     # Two cores: intra-op threads beyond that only add contention between test workers.
     torch.set_num_threads(min(2, torch.get_num_threads()))
 

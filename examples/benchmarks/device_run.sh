@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared command for a lent GPU machine: the three benchmarks, then the study, everything under $OUT.
+# The one prepared command for a GPU machine: the three benchmarks, then the study, everything under $OUT.
 #
 #   bash examples/benchmarks/device_run.sh              # on the device machine (docs/study.md: how to call it)
 #   bash examples/benchmarks/device_run.sh --rehearse   # here, on the CPU: synthetic, 32², 1 epoch, 2 seeds

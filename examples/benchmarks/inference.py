@@ -39,8 +39,8 @@ def onnx_check(model: torch.nn.Module, x: torch.Tensor) -> str:
         import onnxruntime
     except ImportError:
         return "ok (checker; no onnxruntime to compare outputs)"
-    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    (ort_out,) = session.run(None, {"images": x.numpy()})
+    ort = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (ort_out,) = ort.run(None, {"images": x.numpy()})
     with torch.no_grad():
         diff = (torch.from_numpy(ort_out) - model(x)).abs().max().item()
     return f"ok (onnxruntime max abs diff {diff:.1e})"

@@ -3,7 +3,8 @@
 - ``engine``: the one training step and the epoch over any iterable of batches, the optimisation, the LR default.
 - ``batches``: where batches come from: a DataLoader (train.py) or the on-device dataset cache (the study).
 - ``evaluation``: the one evaluation path (per-epoch validation and the final validation/test).
-- ``session`` and ``fit``: train.py's run: set-up, epochs with checkpoints and logs, export, test.
+- ``parts`` and ``fit``: train.py's run: what it builds once, then epochs with checkpoints and logs, export,
+  test.
 - ``models``: build the model and the criterion from the model flags, export, count parameters.
 - ``checkpoints``: checkpoints, RNG states and seeds, JSON / CSV logs.
 - ``distributed``: torchrun's DDP context, device choice, AMP choice, backends, machine description.

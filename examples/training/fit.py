@@ -34,8 +34,8 @@ from adst_examples.training.distributed import DistContext, describe_device
 from adst_examples.training.engine import fade_factor, train_epoch
 from adst_examples.training.evaluation import VALIDATION_METRICS, evaluate, head_maps, loader_eval_batches
 from adst_examples.training.models import count_params, export_model
+from adst_examples.training.parts import RunParts, TrainState, build_parts, restore
 from adst_examples.training.plots import OverlayRow, plot_curves, plot_overlays
-from adst_examples.training.session import Session, TrainState, restore, setup
 
 __all__ = ["run"]
 
@@ -50,7 +50,7 @@ def _summary_dict(summary: dict[str, MeanStd]) -> dict[str, dict[str, Any]]:
     return {m: s.as_dict() for m, s in summary.items()}
 
 
-def _evaluate(s: Session, model: nn.Module, split: str, **kwargs: Any) -> tuple[MetricAccumulator, float]:
+def _evaluate(s: RunParts, model: nn.Module, split: str, **kwargs: Any) -> tuple[MetricAccumulator, float]:
     loader = s.val_loader if split == "val" else s.test_loader
     data = s.data.val if split == "val" else s.data.test
     return evaluate(
@@ -59,7 +59,7 @@ def _evaluate(s: Session, model: nn.Module, split: str, **kwargs: Any) -> tuple[
     )  # fmt: skip
 
 
-def run_epoch(s: Session, state: TrainState, epoch: int) -> tuple[dict[str, Any], dict[str, MeanStd]]:
+def run_epoch(s: RunParts, state: TrainState, epoch: int) -> tuple[dict[str, Any], dict[str, MeanStd]]:
     """Train one epoch and validate; appends the log row to ``state.history`` and updates the best score."""
     args, t0 = s.args, time.perf_counter()
     aux_scale = fade_factor(args.aux_fade, epoch - 1, args.epochs)
@@ -94,7 +94,7 @@ def run_epoch(s: Session, state: TrainState, epoch: int) -> tuple[dict[str, Any]
     return row, summary
 
 
-def save_epoch(s: Session, state: TrainState, row: dict[str, Any], val: dict[str, MeanStd]) -> None:
+def save_epoch(s: RunParts, state: TrainState, row: dict[str, Any], val: dict[str, MeanStd]) -> None:
     """``best.pt`` (if best), ``last.pt``, logs and curves. Every rank calls it (RNG states are gathered)."""
     rng = s.ctx.all_gather_object(get_rng_state(s.ctx.device))  # after everything that drew random numbers
     if not s.ctx.is_main:
@@ -123,7 +123,7 @@ def save_epoch(s: Session, state: TrainState, row: dict[str, Any], val: dict[str
     )
 
 
-def export_best(s: Session) -> nn.Module:
+def export_best(s: RunParts) -> nn.Module:
     """Best-on-val weights → plain smp model → ``exported/`` (rank 0) → reloaded with ``smp.from_pretrained``."""
     s.ctx.barrier()  # best.pt is complete
     s.model.load_state_dict(load_checkpoint(s.run_dir / "best.pt")["model"])
@@ -136,7 +136,7 @@ def export_best(s: Session) -> nn.Module:
     return smp.from_pretrained(str(export_dir)).to(s.ctx.device).eval()
 
 
-def _overlays(s: Session, exported: nn.Module, test: MetricAccumulator) -> None:
+def _overlays(s: RunParts, exported: nn.Module, test: MetricAccumulator) -> None:
     """A few evenly spaced test images: image, truth, exported model's prediction, ADST maps of the best wrapper."""
     dice = dict(zip(test.names, test.values["dice"], strict=True))
     count = min(OVERLAY_IMAGES, len(s.data.test))
@@ -163,7 +163,7 @@ def _split_result(acc: MetricAccumulator, key: str, lesion_free: str | None) -> 
     return out
 
 
-def final_test(s: Session, state: TrainState, timing: dict[str, float], t_start: float) -> dict[str, Any]:
+def final_test(s: RunParts, state: TrainState, timing: dict[str, float], t_start: float) -> dict[str, Any]:
     """Validation and test metrics of the reloaded exported model; rank 0 writes metrics.json, overlays.png and the
     model card."""
     t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def final_test(s: Session, state: TrainState, timing: dict[str, float], t_start:
         _overlays(s, exported, test)
         means = {m: round(v["mean"], 4) for m, v in result["test"].items()}
         exported.generate_model_card(metrics=means, dataset=s.args.dataset).save(str(s.run_dir / "exported/README.md"))
-        result["timing"]["total_s_this_session"] = time.perf_counter() - t_start
+        result["timing"]["total_s_since_start"] = time.perf_counter() - t_start
         write_json(s.run_dir / "metrics.json", result)
         s.log(f"test ({len(test)} images): {test.format()}")
         if lesion_free is not None:
@@ -213,7 +213,7 @@ def final_test(s: Session, state: TrainState, timing: dict[str, float], t_start:
     return result
 
 
-def _config(s: Session) -> dict[str, Any]:
+def _config(s: RunParts) -> dict[str, Any]:
     return {
         "args": vars(s.args),
         "world_size": s.ctx.world_size,
@@ -230,7 +230,7 @@ def _config(s: Session) -> dict[str, Any]:
 def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
     """Train, select on val, export, reload, test. Returns the metrics dict (on every rank)."""
     t_start = time.perf_counter()
-    s = setup(args, ctx)
+    s = build_parts(args, ctx)
     if args.resume:
         state = restore(s)
     else:
@@ -251,5 +251,5 @@ def run(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
         if args.stop_after_epoch and args.stop_after_epoch <= epoch < args.epochs:
             s.log(f"stopping after epoch {epoch} (--stop-after-epoch); continue with --resume")
             return {"stopped_after_epoch": epoch, "run_dir": str(s.run_dir)}
-    timing = {"train_s_this_session": time.perf_counter() - t_train}
+    timing = {"train_s_since_start": time.perf_counter() - t_train}
     return final_test(s, state, timing, t_start)

@@ -1,4 +1,4 @@
-"""The study's peer arms (issue 12): the mask-loss swaps, the mmseg-style auxiliary FCN head, and their flags."""
+"""The study's peer arms: the mask-loss swaps, the mmseg-style auxiliary FCN head, and their flags."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_dice_hausdorff_adds_the_weighted_monai_term() -> None:
 
 
 def test_monai_dicece_includes_the_bce_term() -> None:
-    # MONAI < 1.3 silently returned a zero CE term for one-channel logits (MONAI issue 6923); [peers] pins >= 1.3.
+    # MONAI < 1.3 silently returned a zero CE term for one-channel logits (MONAI #6923); [peers] pins >= 1.3.
     monai_losses = pytest.importorskip("monai.losses")
     torch.manual_seed(0)
     y, logits = _mask(), torch.randn(2, 1, 32, 32)
@@ -119,6 +119,7 @@ def test_hausdorff_term_keeps_its_scale_across_image_sizes() -> None:
     assert 0.7 < float(big / small) < 1.4  # unscaled, MONAI's value grows ~4x
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_monai_is_imported_lazily_and_its_absence_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     code = "import sys, adst_examples.peers as p; p.build_loss('dice+lovasz'); assert 'monai' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""examples/benchmarks/term_gradients.py: per-term gradient norms into the exported model (issue 8)."""
+"""examples/benchmarks/term_gradients.py: per-term gradient norms into the exported model."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def test_arm_specs_parse_into_presets_and_overrides():
         term_gradients.parse_arm("plain=--no-adst")
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_fusion_grad_zero_leaves_the_threshold_term_no_path_into_the_exported_model(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--cache-dir", str(tmp_path), "--batch", "2", "--batches", "1"]
     argv += [

@@ -25,7 +25,7 @@ def _data(n: int = 12, size: int = 24) -> TensorDataset:
     return TensorDataset(images, masks)
 
 
-@pytest.mark.parametrize("context", ["spawn", "fork"])
+@pytest.mark.parametrize("context", [pytest.param("spawn", marks=pytest.mark.slow), "fork"])  # spawn: a worker pool
 def test_dataloader_workers_match_adst_targets(context: str) -> None:
     if context not in torch.multiprocessing.get_all_start_methods():
         pytest.skip(f"start method {context} not available")

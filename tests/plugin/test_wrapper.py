@@ -280,6 +280,7 @@ def _step_grads(model: ADSTModel, runner: nn.Module, x, y) -> tuple[torch.Tensor
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow  # compiles twice (about 10 s each)
 @pytest.mark.parametrize("preset", ["adst", "paper"])
 def test_fullgraph_compile_train_step_matches_eager(unet, preset):
     eager = wrap(unet, preset)

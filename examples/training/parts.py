@@ -1,4 +1,4 @@
-"""What a train.py run builds once: its data splits, model, loss, optimisation and loaders (:func:`setup`).
+"""What a train.py run builds once: its data splits, model, loss, optimisation and loaders (:func:`build_parts`).
 
 The loop that uses them is :mod:`adst_examples.training.fit`; the step and the epoch are the engine's
 (:mod:`adst_examples.training.engine`).
@@ -27,7 +27,7 @@ from adst_examples.training.distributed import DistContext, configure_backends, 
 from adst_examples.training.engine import Optimisation, steps_per_epoch
 from adst_examples.training.models import build_criterion, build_model
 
-__all__ = ["Data", "Session", "TrainState", "UsageError", "build_data", "restore", "setup"]
+__all__ = ["Data", "RunParts", "TrainState", "UsageError", "build_data", "build_parts", "restore"]
 
 
 class UsageError(Exception):
@@ -103,7 +103,7 @@ def build_data(args: argparse.Namespace, ctx: DistContext) -> Data:
 
 
 @dataclass(frozen=True)
-class Session:
+class RunParts:
     """Everything a run builds once, in :func:`setup`; never reassigned."""
 
     args: argparse.Namespace
@@ -155,7 +155,7 @@ class TrainState:
     rng: dict[str, Any] | None = None
 
 
-def setup(args: argparse.Namespace, ctx: DistContext) -> Session:
+def build_parts(args: argparse.Namespace, ctx: DistContext) -> RunParts:
     """Seed, build data/model (DDP-wrapped under DDP)/loss/optimisation/loaders."""
     configure_backends(ctx.device, deterministic=args.deterministic)
     amp_dtype = resolve_amp(args.amp, ctx.device)
@@ -184,14 +184,14 @@ def setup(args: argparse.Namespace, ctx: DistContext) -> Session:
         model, lr=args.lr, total_steps=steps * args.epochs, device=ctx.device, amp_dtype=amp_dtype,
         weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio, optimizer=args.optimizer,
     )  # fmt: skip
-    return Session(
+    return RunParts(
         args=args, ctx=ctx, run_dir=run_dir, data=data, model=model, trained=trained, criterion=criterion,
         opt=opt, train_loader=train, val_loader=val, test_loader=test, train_gen=train_gen, steps_per_epoch=steps,
     )  # fmt: skip
 
 
-def restore(s: Session) -> TrainState:
-    """Load ``last.pt`` into the session; returns where to continue (RNG states are applied later)."""
+def restore(s: RunParts) -> TrainState:
+    """Load ``last.pt`` into the run's parts; returns where to continue (RNG states are applied later)."""
     ckpt = load_checkpoint(s.run_dir / "last.pt")
     s.model.load_state_dict(ckpt["model"])
     s.opt.optimizer.load_state_dict(ckpt["optimizer"])
