@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adst_plugin import DiceBCELoss
-from adst_plugin._checks import check_bchw, check_mask, check_mask_matches
+from adst_examples.aux_loss import AuxHeadLoss
+from adst_plugin._checks import check_bchw
 from adst_plugin.functional import mask_logits
 from adst_plugin.hooks import FeatureTap, feature_channels, resolve_module
 from adst_plugin.wrapper import HeadWrapper
@@ -100,7 +100,7 @@ class DeepSupervisionModel(HeadWrapper):
         return f"stages={self.stages}"
 
 
-class DeepSupervisionLoss(nn.Module):
+class DeepSupervisionLoss(AuxHeadLoss):
     """``sum_i w_i base(logits_i, mask_i)`` over the full-resolution output and the stages, nnU-Net's weights.
 
     Args:
@@ -111,41 +111,19 @@ class DeepSupervisionLoss(nn.Module):
     stage terms, training only) and ``total``.
     """
 
-    def __init__(self, model: nn.Module, base_loss: Callable[[Tensor, Tensor], Tensor] | None = None):
-        super().__init__()
-        wrapped = model
-        for _ in range(4):  # DDP keeps the module in .module, torch.compile in ._orig_mod
-            if isinstance(wrapped, DeepSupervisionModel):
-                break
-            wrapped = getattr(wrapped, "module", None) or getattr(wrapped, "_orig_mod", None)
-        if not isinstance(wrapped, DeepSupervisionModel):
-            raise TypeError(f"DeepSupervisionLoss: expected a DeepSupervisionModel, got {type(model).__name__}")
-        self.__dict__["model"] = wrapped  # not a submodule: the loss must not own the model
-        self.base_loss = base_loss if base_loss is not None else DiceBCELoss()
-        self.weights = scale_weights(len(wrapped.stages))
-        self.last_terms: dict[str, Tensor] = {}
+    model_type = DeepSupervisionModel
 
-    def forward(self, logits: Tensor | tuple[Tensor, ...], mask: Tensor) -> Tensor:
-        logits = check_bchw(mask_logits(logits), "mask logits", "DeepSupervisionLoss", channels=1)
-        target = check_mask(mask, "DeepSupervisionLoss")
-        check_mask_matches(target, logits, "DeepSupervisionLoss")
-        target = target.to(device=logits.device, dtype=logits.dtype)
-        main = self.base_loss(logits, target)
-        aux = self.model.pop_aux()
-        if not self.model.training:
-            self.last_terms = {"mask": main.detach(), "total": main.detach()}
-            return main
-        if aux is None:
-            raise RuntimeError(
-                "DeepSupervisionLoss: the model is in training mode but ran no training forward since the last "
-                "loss call; call model(images) once before each criterion(logits, masks)"
-            )
-        aux_total = torch.zeros((), device=logits.device)
+    def __init__(self, model: nn.Module, base_loss: Callable[[Tensor, Tensor], Tensor] | None = None):
+        super().__init__(model, base_loss)
+        self.weights = scale_weights(len(self.model.stages))
+        self.main_weight = self.weights[0]
+
+    def aux_term(self, aux: tuple[Tensor, ...], target: Tensor, logits: Tensor) -> Tensor:
+        """Each stage's mask loss against the mask downsampled (nearest) to its size, at its scale's weight."""
+        total = torch.zeros((), device=logits.device)
         for weight, stage in zip(self.weights[1:], aux, strict=True):
             small = F.interpolate(target, size=stage.shape[-2:], mode="nearest-exact")
-            aux_total = aux_total + weight * self.base_loss(stage.to(logits.dtype), small)
-        total = self.weights[0] * main + aux_total
-        self.last_terms = {"mask": main.detach(), "aux": aux_total.detach(), "total": total.detach()}
+            total = total + weight * self.base_loss(stage.to(logits.dtype), small)
         return total
 
     def extra_repr(self) -> str:

@@ -27,9 +27,10 @@ import segmentation_models_pytorch as smp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adst_examples.aux_loss import AuxHeadLoss
 from adst_examples.cli import non_negative_float
 from adst_plugin import DiceBCELoss
-from adst_plugin._checks import check_bchw, check_mask, check_mask_matches
+from adst_plugin._checks import check_bchw
 from adst_plugin.functional import mask_logits
 from adst_plugin.wrapper import HeadWrapper
 
@@ -282,16 +283,7 @@ class AuxFCNModel(HeadWrapper):
         return f"features={self.features!r}"
 
 
-def _unwrap(model: Any) -> Any:
-    # DDP keeps the module in .module, torch.compile in ._orig_mod.
-    for _ in range(4):
-        if hasattr(type(model), "pop_aux"):
-            return model
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-    return model
-
-
-class AuxFCNLoss(nn.Module):
+class AuxFCNLoss(AuxHeadLoss):
     """``base(logits, y) + weight * base(aux, y)`` in training mode, ``base(logits, y)`` in eval mode.
 
     Args:
@@ -299,43 +291,22 @@ class AuxFCNLoss(nn.Module):
         base_loss: the mask loss, also applied to the aux logits (mmseg: the same loss type); default Dice+BCE.
         weight: the aux loss weight (mmseg's ``loss_weight=0.4``).
 
-    ``last_terms`` holds the detached ``mask``, ``aux`` (training only) and ``total``.
+    ``last_terms`` holds the detached ``mask``, ``aux`` (the weighted aux term, training only) and ``total``.
     """
+
+    model_type = AuxFCNModel
 
     def __init__(
         self, model: nn.Module, base_loss: Callable[[Tensor, Tensor], Tensor] | None = None, weight: float = 0.4
     ):
-        super().__init__()
-        wrapped = _unwrap(model)
-        if wrapped is None:
-            raise TypeError(f"AuxFCNLoss: expected an AuxFCNModel, got {type(model).__name__}")
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"AuxFCNLoss: expected weight >= 0, got {weight}")
-        if base_loss is not None and not callable(base_loss):
-            raise TypeError(f"AuxFCNLoss: expected base_loss to be callable, got {type(base_loss).__name__}")
-        self.__dict__["model"] = wrapped  # not a submodule: the loss must not own the model
-        self.base_loss = base_loss if base_loss is not None else DiceBCELoss()
+        super().__init__(model, base_loss)
         self.weight = float(weight)
-        self.last_terms: dict[str, Tensor] = {}
 
-    def forward(self, logits: Tensor | tuple[Tensor, ...], mask: Tensor) -> Tensor:
-        logits = check_bchw(mask_logits(logits), "mask logits", "AuxFCNLoss", channels=1)
-        target = check_mask(mask, "AuxFCNLoss")
-        check_mask_matches(target, logits, "AuxFCNLoss")
-        target = target.to(device=logits.device, dtype=logits.dtype)
-        main = self.base_loss(logits, target)
-        aux = self.model.pop_aux()
-        if not self.model.training:
-            self.last_terms = {"mask": main.detach(), "total": main.detach()}
-            return main
-        if aux is None:
-            raise RuntimeError(
-                "AuxFCNLoss: the model is in training mode but ran no training forward since the last loss call"
-            )
-        aux_term = self.base_loss(aux.to(logits.dtype), target)
-        total = main + self.weight * aux_term
-        self.last_terms = {"mask": main.detach(), "aux": aux_term.detach(), "total": total.detach()}
-        return total
+    def aux_term(self, aux: Tensor, target: Tensor, logits: Tensor) -> Tensor:
+        """The mask loss of the aux logits (upsampled to the mask by the model), at :attr:`weight`."""
+        return self.weight * self.base_loss(aux.to(logits.dtype), target)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight:g}"
