@@ -24,7 +24,7 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
-def tiny_unet(in_channels: int = 3, encoder_name: str = "resnet18", **kwargs) -> torch.nn.Module:
+def tiny_unet(in_channels: int = 3, encoder_name: str = "resnet18", classes: int = 1, **kwargs) -> torch.nn.Module:
     """A small smp Unet (resnet18 by default, depth 3) that runs a step in well under a second on CPU."""
     return smp.Unet(
         encoder_name,
@@ -32,7 +32,7 @@ def tiny_unet(in_channels: int = 3, encoder_name: str = "resnet18", **kwargs) ->
         encoder_depth=3,
         decoder_channels=(32, 16, 16),
         in_channels=in_channels,
-        classes=1,
+        classes=classes,
         **kwargs,
     )
 
