@@ -62,7 +62,7 @@ TVERSKY_ALPHA, TVERSKY_BETA = 0.3, 0.7
 #: is 260-370x Dice+BCE at initialisation, 130-180x early, ~40x mid-training and ~1.3x when nearly converged
 #: (gradients w.r.t. the logits: 900-1300x, 550-850x, 250-300x, 2-4x). At 0.01 it is about 0.4x Dice+BCE in value
 #: (2.5-3x in gradient) mid-training, where edges are refined, and does not swamp the mask loss by more than ~10x
-#: in gradient at initialisation. The issue asks for the weight to be chosen on validation: that is a study
+#: in gradient at initialisation. The weight is meant to be chosen on validation: that is a study
 #: sweep (``--hausdorff-weight``), this is the starting point.
 HAUSDORFF_WEIGHT = 0.01
 #: MONAI's HausdorffDT term grows with the square of the image side (it averages squared pixel distances); it is

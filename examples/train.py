@@ -130,6 +130,8 @@ def _check_dataset_flags(args: argparse.Namespace, parser: argparse.ArgumentPars
         if value is not None and arg not in entry.needs:
             users = "/".join(datasets_needing(arg))
             parser.error(f"--{arg} is not used by --dataset {args.dataset}; did you mean --dataset {users}?")
+    if args.skip_bad and not entry.needs:
+        parser.error(f"--skip-bad applies to datasets read from files; --dataset {args.dataset} has none")
     if not args.include_normal and entry.cls.lesion_free_tag is None:  # type: ignore[attr-defined]
         users = "/".join(name for name, e in DATASETS.items() if e.cls.lesion_free_tag)  # type: ignore[attr-defined]
         parser.error(f"--exclude-normal only applies to --dataset {users}")

@@ -212,6 +212,7 @@ def test_busi_reports_with_and_without_normal(tmp_path: Path) -> None:
         (["--dataset", "busi"], "--dataset busi needs --root DIR"),
         (["--root", "data/Dataset_BUSI_with_GT"], "--root is not used by --dataset synthetic"),
         (["--exclude-normal"], "--exclude-normal only applies to --dataset busi"),
+        (["--skip-bad"], "--skip-bad applies to datasets read from files; --dataset synthetic has none"),
         (["--arch", "UNetX"], "unknown architecture 'UNetX'; valid: Unet, UnetPlusPlus, MAnet"),
         (["--encoder", "resnet7"], "unknown encoder 'resnet7'; valid: resnet18"),
         (["--img-size", "100"], "--img-size: expected a multiple of 32"),
