@@ -10,13 +10,13 @@ the loss terms (``functional``) and their module (``loss``), the ``presets`` tha
 ``hooks`` and ``wrapper`` that attach and remove them.
 """
 
-from . import constants, functional, presets, targets
+from . import constants, functional, modes, presets, targets
 from .collate import ADSTTargetCollate
 from .convglu import ConvGLU
 from .head import ADSTHead, ADSTOutput, FusionMap, HeadMaps, MainThresholdMap
 from .hooks import FeatureTap
 from .laplacian import LaplacianEdge, edge_map, laplacian_pyramid
-from .loss import ADSTLoss, DiceBCELoss
+from .loss import ADSTLoss, DiceBCELoss, DiceCELoss
 from .presets import DEFAULT_PRESET, PRESETS, ADSTConfig, get_config
 from .saca import CRU, SACA, SRU
 from .targets import adst_targets, border_map, boundary_map, core_map
@@ -38,6 +38,7 @@ __all__ = [
     "ADSTTargetCollate",
     "ConvGLU",
     "DiceBCELoss",
+    "DiceCELoss",
     "FeatureTap",
     "FusionMap",
     "HeadMaps",
@@ -53,6 +54,7 @@ __all__ = [
     "functional",
     "get_config",
     "laplacian_pyramid",
+    "modes",
     "presets",
     "targets",
     "wrap_with_adst",

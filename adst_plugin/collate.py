@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from adst_plugin.constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
-from adst_plugin.targets import _check_params, adst_targets
+from adst_plugin.modes import BINARY_MODE, MULTICLASS_MODE
+from adst_plugin.targets import _check_mode_params, _check_params, adst_targets
 
 __all__ = ["ADSTTargetCollate"]
 
@@ -42,13 +43,17 @@ class ADSTTargetCollate:
             (1 inside DataLoader workers, which already run in parallel).
         engine: ``"auto"``, ``"opencv"`` or ``"torch"``, as in :func:`~adst_plugin.targets.adst_targets`
             (collated masks are CPU tensors, so ``"auto"`` is the OpenCV engine).
+        mode, classes, ignore_index: the smp mode, the model's classes and the unlabelled value, as in
+            :func:`~adst_plugin.targets.adst_targets` (``ADSTTargetCollate(**criterion.target_kwargs)`` passes
+            the loss's).
 
     Shape:
         samples: a sequence of ``(image, mask)`` pairs (or of tuples whose last item is the mask, e.g.
-        ``(index, image, mask)``); each mask ``(1, H, W)``, binary (bool, ``{0, 1}`` or uint8 ``{0, 255}``).
+        ``(index, image, mask)``); each mask ``(1, H, W)``, binary (bool, ``{0, 1}`` or uint8 ``{0, 255}``); in
+        multiclass mode ``(H, W)`` or ``(1, H, W)`` class indices, in multilabel mode ``(C, H, W)``.
         -> ``(images, masks, (core, border))`` (or ``(*other_fields, masks, (core, border))``): whatever
-        ``collate_fn`` makes of the other fields, masks ``(B, 1, H, W)`` as collated, and ``core`` / ``border``
-        float32 ``(B, 1, H, W)``.
+        ``collate_fn`` makes of the other fields, masks as collated, and ``core`` / ``border`` float32
+        ``(B, K, H, W)`` (K = 1 binary, C - 1 multiclass, C multilabel).
 
     Raises:
         TypeError, ValueError: at construction on invalid parameters; at call time on samples that are not
@@ -64,10 +69,15 @@ class ADSTTargetCollate:
         thresh_max: float = THRESH_MAX,
         num_threads: int | None = None,
         engine: str = "auto",
+        mode: str = BINARY_MODE,
+        classes: int | None = None,
+        ignore_index: int | None = None,
     ) -> None:
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"{_WHERE}: expected collate_fn to be callable or None, got {type(collate_fn).__name__}")
         _check_params(shrink_ratio, thresh_min, thresh_max, num_threads, engine, _WHERE)
+        _check_mode_params(mode, classes, ignore_index, _WHERE)
+        self.mode, self.classes, self.ignore_index = mode, classes, ignore_index
         self.collate_fn = default_collate if collate_fn is None else collate_fn
         self.shrink_ratio = float(shrink_ratio)
         self.thresh_min = float(thresh_min)
@@ -80,7 +90,7 @@ class ADSTTargetCollate:
         return (
             f"{type(self).__name__}(collate_fn={name}, shrink_ratio={self.shrink_ratio}, "
             f"thresh_min={self.thresh_min}, thresh_max={self.thresh_max}, num_threads={self.num_threads}, "
-            f"engine={self.engine!r})"
+            f"engine={self.engine!r}, mode={self.mode!r}, classes={self.classes}, ignore_index={self.ignore_index})"
         )
 
     def __call__(self, samples: Sequence[Any]) -> tuple[Any, ...]:
@@ -107,7 +117,7 @@ class ADSTTargetCollate:
         *rest, masks = collated
         if not isinstance(masks, Tensor):
             raise TypeError(f"{_WHERE}: expected the collated masks to be a torch.Tensor, got {_describe(masks)}")
-        if masks.ndim == 3:
+        if masks.ndim == 3 and self.mode != MULTICLASS_MODE:
             raise ValueError(
                 f"{_WHERE}: expected each mask of shape (1, H, W), got {tuple(masks.shape[1:])}. "
                 "Add the channel dim in the dataset, e.g. mask[None]."
@@ -119,6 +129,9 @@ class ADSTTargetCollate:
             thresh_max=self.thresh_max,
             num_threads=self.num_threads,
             engine=self.engine,
+            mode=self.mode,
+            classes=self.classes,
+            ignore_index=self.ignore_index,
         )
         return (*rest, masks, targets)
 

@@ -15,6 +15,10 @@ term                    inputs                              minimised by
 ``edge_loss`` (paper)   edge map, border map                *not* the mask (kept for the paper preset)
 ======================  ==================================  =============================================
 
+Every term takes (B, K, H, W) maps, one channel per target class (K = 1 in binary mode; see
+:mod:`adst_plugin.modes`), and averages over all of them, so each class weighs the same. An optional ``weight``
+(broadcastable, 0 on ``ignore_index`` pixels) takes pixels out of a term: their values then change no gradient.
+
 Computations are done in float32 (safe under autocast); every function returns a scalar.
 """
 
@@ -26,10 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .modes import BINARY_MODE, MULTICLASS_MODE, class_probability, target_slice
+
 __all__ = [
     "band_weights",
     "binarization_loss",
     "boundary_loss",
+    "class_probability",
     "core_loss",
     "edge_loss",
     "grad_scale",
@@ -68,9 +75,9 @@ def band_weights(border: Tensor, thresh_min: float, thresh_max: float) -> Tensor
     """The border band as weights: 1 on a lesion boundary, falling linearly to 0 at distance D.
 
     Args:
-        border: border map (B, 1, H, W) in [thresh_min, thresh_max].
+        border: border map (B, K, H, W) in [thresh_min, thresh_max].
     Returns:
-        (B, 1, H, W) in [0, 1]; 0 farther than D from every boundary (and everywhere for empty masks).
+        (B, K, H, W) in [0, 1]; 0 farther than D from every boundary (and everywhere for empty masks).
     """
     band = ((border.float() - thresh_min) / (thresh_max - thresh_min)).clamp_(0.0, 1.0)
     return band.masked_fill_(border.float() >= thresh_max, 1.0)  # exactly 1 (the ratio rounds to 1 - 6e-8)
@@ -81,34 +88,55 @@ def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def core_loss(main_logits: Tensor, core: Tensor) -> Tensor:
-    """BCE of the main map against the core map: ``(B, 1, H, W), (B, 1, H, W) -> ()``."""
-    return F.binary_cross_entropy_with_logits(main_logits.float(), core.float())
+def _mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    # The plain mean, or the mean over the pixels that ``weight`` keeps (expanded: a (B, 1, H, W) weight counts
+    # once per channel).
+    if weight is None:
+        return values.mean()
+    return _weighted_mean(values, weight.float().expand_as(values))
 
 
-def edge_loss(edge: Tensor, border: Tensor) -> Tensor:
+def core_loss(main_logits: Tensor, core: Tensor, weight: Tensor | None = None) -> Tensor:
+    """BCE of the main map against the core map: ``(B, K, H, W), (B, K, H, W) -> ()``."""
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(main_logits.float(), core.float())
+    bce = F.binary_cross_entropy_with_logits(main_logits.float(), core.float(), reduction="none")
+    return _mean(bce, weight)
+
+
+def edge_loss(edge: Tensor, border: Tensor, weight: Tensor | None = None) -> Tensor:
     """The paper's edge term: BCE of the Laplacian edge map against the border map.
 
     Its minimiser is an edge map equal to the border map in [0.3, 0.7]; taken of the mask logits, that is
     *not* the mask, so confident correct logits are penalised. Kept for ``preset="paper"`` only.
     """
-    return F.binary_cross_entropy_with_logits(edge.float(), border.float())
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(edge.float(), border.float())
+    return _mean(F.binary_cross_entropy_with_logits(edge.float(), border.float(), reduction="none"), weight)
 
 
 def threshold_loss(threshold_logits: Tensor, border: Tensor, band: Tensor) -> Tensor:
     """L1 of sigmoid(T) against the border map, averaged over the border band (DBNet's threshold loss).
 
     Args:
-        threshold_logits: T logits (B, 1, H, W).
-        border: border map (B, 1, H, W).
-        band: band weights (B, 1, H, W) from :func:`band_weights`; DBNet uses the band's indicator.
+        threshold_logits: T logits (B, K, H, W).
+        border: border map (B, K, H, W).
+        band: band weights (B, K, H, W) from :func:`band_weights`; DBNet uses the band's indicator. Multiply
+            it by the valid pixels to leave ignored ones out.
     """
     thresh = torch.sigmoid(threshold_logits.float())
     return _weighted_mean((thresh - border.float()).abs(), (band > 0).float())
 
 
 def binarization_loss(
-    mask_logits: Tensor, threshold_logits: Tensor, mask: Tensor, steepness: float, detach_threshold: bool = True
+    mask_logits: Tensor,
+    threshold_logits: Tensor,
+    mask: Tensor,
+    steepness: float,
+    detach_threshold: bool = True,
+    *,
+    mode: str = BINARY_MODE,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """BCE of the differentiable binarisation ``B = sigmoid(k (P - T))`` against the mask, scaled by 1/k.
 
@@ -118,25 +146,44 @@ def binarization_loss(
     ``>> 1/k``; its gradient never vanishes for confidently wrong pixels (a Dice on B would, like exp(-k |P - T|)).
     For any fixed T in (0, 1) the loss decreases as P moves towards the mask.
 
+    In multiclass mode P is the softmax probability of each target class (classes 1 .. C-1), so the term also
+    pushes the other classes' logits down where a class is wanted; in multilabel mode it is each channel's sigmoid.
+
     Args:
-        mask_logits, threshold_logits, mask: (B, 1, H, W); ``mask`` in {0, 1}.
+        mask_logits: (B, C, H, W), the model's logits.
+        threshold_logits: T (B, K, H, W), one channel per target class.
+        mask: (B, K, H, W) in {0, 1}, the target classes.
         steepness: k (DBNet: 50).
         detach_threshold: T enters detached (this term then trains the logits only).
+        mode: the smp mode of the logits (:mod:`adst_plugin.modes`).
+        weight: optional, 0 on ignored pixels.
     """
     thresh = torch.sigmoid(threshold_logits.float())
     if detach_threshold:
         thresh = thresh.detach()
-    logits = steepness * (torch.sigmoid(mask_logits.float()) - thresh)
-    return F.binary_cross_entropy_with_logits(logits, mask.float()) / steepness
+    logits = steepness * (target_slice(class_probability(mask_logits, mode), mode) - thresh)
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(logits, mask.float()) / steepness
+    bce = F.binary_cross_entropy_with_logits(logits, mask.float(), reduction="none")
+    return _mean(bce, weight) / steepness
 
 
-def boundary_loss(mask_logits: Tensor, mask: Tensor, band: Tensor) -> Tensor:
+def boundary_loss(mask_logits: Tensor, mask: Tensor, band: Tensor, *, mode: str = BINARY_MODE) -> Tensor:
     """BCE of the mask logits weighted by the border band, averaged over the band's mass.
 
     The weights come from the exact per-lesion distances of the targets (1 on the boundary, 0 at D), so
     the term concentrates the mask loss where lesion edges are decided. Minimised by the mask on every band
     pixel; pixels farther than D from every boundary carry no weight (the mask term covers them).
+
+    Multiclass mode: the cross-entropy of the softmax, weighted per pixel by the largest band of any target class
+    (``mask`` is then the long class indices (B, H, W), ``band`` (B, C - 1, H, W)). Binary and multilabel: the BCE
+    of each channel weighted by its own band. Zero the band on ignored pixels to leave them out.
     """
+    if mode == MULTICLASS_MODE:
+        ce = F.cross_entropy(
+            mask_logits.float(), mask.long().reshape(band.shape[0], *band.shape[-2:]), reduction="none"
+        )
+        return _weighted_mean(ce, band.float().amax(1))
     bce = F.binary_cross_entropy_with_logits(mask_logits.float(), mask.float(), reduction="none")
     return _weighted_mean(bce, band)
 
@@ -149,19 +196,19 @@ def signed_distance(border: Tensor, mask: Tensor, thresh_min: float, thresh_max:
     ``1 - band`` (per-lesion Euclidean distance over that lesion's offset D), so no second distance transform runs.
 
     Shape:
-        border (B, 1, H, W) in [thresh_min, thresh_max], mask (B, 1, H, W) in {0, 1} -> (B, 1, H, W) float32
+        border (B, K, H, W) in [thresh_min, thresh_max], mask (B, K, H, W) in {0, 1} -> (B, K, H, W) float32
     """
     depth = 1.0 - band_weights(border, thresh_min, thresh_max)
     return torch.where(mask.bool(), depth, -depth)
 
 
-def sdf_loss(main_logits: Tensor, sdf: Tensor) -> Tensor:
-    """L1 of ``tanh(main)`` against the signed distance ``s``: ``(B, 1, H, W), (B, 1, H, W) -> ()``.
+def sdf_loss(main_logits: Tensor, sdf: Tensor, weight: Tensor | None = None) -> Tensor:
+    """L1 of ``tanh(main)`` against the signed distance ``s``: ``(B, K, H, W), (B, K, H, W) -> ()``.
 
     Minimised by ``tanh(main) = s``. Unlike the core map (a binary blob inside each lesion), ``s`` changes sign
     exactly at the lesion edge and varies linearly across it, so features that regress it must locate the edge.
     """
-    return (torch.tanh(main_logits.float()) - sdf.float()).abs().mean()
+    return _mean((torch.tanh(main_logits.float()) - sdf.float()).abs(), weight)
 
 
 def symmetric_threshold(sdf: Tensor, thresh_min: float, thresh_max: float) -> Tensor:

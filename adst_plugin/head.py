@@ -10,7 +10,10 @@
 (``"mask"``, paper). The main branch and the fusion run at <= 1/s of the mask size (``head_stride`` s);
 the edge map enters the fusion losslessly as s*s channels (``pixel_unshuffle``), and the fused map is
 resized bilinearly, so it is smooth (no sub-pixel checkerboard). s = 1 is the paper's full-resolution
-layout. All maps are logits of shape (B, 1, H, W), H, W being the mask logits' size.
+layout. All maps are logits of shape (B, C, H, W), H, W being the mask logits' size and C the model's classes:
+channel c of every map belongs to channel c of the mask logits. The edge cue is taken of the model's own
+probability, a sigmoid per channel (binary, multilabel) or the softmax over the classes (multiclass); in
+multiclass mode the background channel (0) of the main and threshold maps carries no target.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .constants import HEAD_STRIDE, HIDDEN_CHANNELS
 from .convglu import ConvGLU
 from .functional import grad_scale
 from .laplacian import LaplacianEdge
+from .modes import MULTICLASS_MODE, check_mode
 from .presets import EDGE_INPUTS
 from .saca import SACA
 
@@ -32,7 +36,7 @@ __all__ = ["ADSTHead", "ADSTOutput", "FusionMap", "HeadMaps", "MainThresholdMap"
 
 
 class HeadMaps(NamedTuple):
-    """The head's three logit maps, each (B, 1, H, W).
+    """The head's three logit maps, each (B, C, H, W) (C: the model's classes).
 
     Attributes:
         main: main threshold map (core localisation), supervised by the core map.
@@ -49,7 +53,7 @@ class ADSTOutput(NamedTuple):
     """Model and head outputs together, from :meth:`ADSTModel.forward_adst` (for inspection and plots).
 
     Attributes:
-        masks: the wrapped model's mask logits (B, 1, H, W): what inference uses.
+        masks: the wrapped model's mask logits (B, C, H, W): what inference uses.
         maps: the head's :class:`HeadMaps`.
         labels: the classification output of smp models built with ``aux_params``; otherwise None.
     """
@@ -68,43 +72,44 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list
 
 
 class MainThresholdMap(nn.Sequential):
-    """conv(C -> h) -> BN -> ReLU -> SACA -> BN -> ReLU -> conv(h -> 1).
+    """conv(C_in -> h) -> BN -> ReLU -> SACA -> BN -> ReLU -> conv(h -> classes).
 
     Shape:
-        (B, in_channels, h, w) -> (B, 1, h, w)
+        (B, in_channels, h, w) -> (B, classes, h, w)
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int = HIDDEN_CHANNELS):
+    def __init__(self, in_channels: int, hidden_channels: int = HIDDEN_CHANNELS, classes: int = 1):
         saca = SACA(hidden_channels)  # validates hidden_channels first, with the list of valid widths
         super().__init__(
             *_conv_bn_relu(in_channels, hidden_channels, 3),
             saca,
             nn.BatchNorm2d(hidden_channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_channels, 1, 1),
+            nn.Conv2d(hidden_channels, classes, 1),
         )
         self.in_channels = in_channels
 
 
 class FusionMap(nn.Module):
-    """concat(main, edge) -> conv -> BN -> ReLU -> ConvGLU -> BN -> ReLU -> conv(-> 1), at 1/stride.
+    """concat(main, edge) -> conv -> BN -> ReLU -> ConvGLU -> BN -> ReLU -> conv(-> classes), at 1/stride.
 
-    ``main`` comes at (ceil(H/s), ceil(W/s)); ``edge`` at (H, W) is folded into s*s channels
-    (``pixel_unshuffle``, lossless). The low-resolution output is resized bilinearly to (H, W).
+    ``main`` comes at (ceil(H/s), ceil(W/s)); ``edge`` at (H, W) is folded into s*s channels per class
+    (``pixel_unshuffle``, lossless). The low-resolution output is resized bilinearly to (H, W). The classes share
+    the hidden layers (their maps meet at the same edges).
 
     Shape:
-        main (B, 1, ceil(H/s), ceil(W/s)), edge (B, 1, H, W) -> (B, 1, H, W)
+        main (B, classes, ceil(H/s), ceil(W/s)), edge (B, classes, H, W) -> (B, classes, H, W)
     """
 
-    def __init__(self, hidden_channels: int = HIDDEN_CHANNELS, stride: int = 1):
+    def __init__(self, hidden_channels: int = HIDDEN_CHANNELS, stride: int = 1, classes: int = 1):
         super().__init__()
         self.stride = stride
         self.body = nn.Sequential(
-            *_conv_bn_relu(1 + stride**2, hidden_channels, 3),
+            *_conv_bn_relu(classes * (1 + stride**2), hidden_channels, 3),
             ConvGLU(hidden_channels),
             nn.BatchNorm2d(hidden_channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_channels, 1, 1),
+            nn.Conv2d(hidden_channels, classes, 1),
         )
 
     def forward(self, main: Tensor, edge: Tensor) -> Tensor:
@@ -132,9 +137,13 @@ class ADSTHead(nn.Module):
             ``"logits"``: Laplacian of the mask logits, with gradient (paper).
         fusion_grad: gradient scale from the fusion into the main map (0: the fused map's loss leaves the
             main branch, and the features behind it, to the core term).
+        classes: C, the model's output channels; every map has one channel per class.
+        mode: the smp mode (:mod:`adst_plugin.modes`), which says how the edge cue turns logits into
+            probabilities. Needed with ``classes > 1`` and ``edge_input="probs"``; ``ADSTLoss`` sets it from its
+            base loss when the model was wrapped without one.
 
     Shape:
-        features (B, in_channels, h, w), mask_logits (B, 1, H, W) -> :class:`HeadMaps`, each (B, 1, H, W)
+        features (B, in_channels, h, w), mask_logits (B, C, H, W) -> :class:`HeadMaps`, each (B, C, H, W)
     """
 
     def __init__(
@@ -144,6 +153,8 @@ class ADSTHead(nn.Module):
         head_stride: int = HEAD_STRIDE,
         edge_input: str = "probs",
         fusion_grad: float = 0.0,
+        classes: int = 1,
+        mode: str | None = None,
     ):
         super().__init__()
         if not isinstance(head_stride, int) or head_stride < 1:
@@ -154,12 +165,16 @@ class ADSTHead(nn.Module):
             raise ValueError(f"ADSTHead: unknown edge_input {edge_input!r}; valid options are {EDGE_INPUTS}")
         if not 0.0 <= float(fusion_grad) <= 1.0:
             raise ValueError(f"ADSTHead: expected 0 <= fusion_grad <= 1, got {fusion_grad!r}")
-        self.main = MainThresholdMap(in_channels, hidden_channels)
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+            raise ValueError(f"ADSTHead: expected classes to be an int >= 1, got {classes!r}")
+        self.main = MainThresholdMap(in_channels, hidden_channels, classes)
         self.edge = LaplacianEdge()
-        self.fusion = FusionMap(hidden_channels, head_stride)
+        self.fusion = FusionMap(hidden_channels, head_stride, classes)
         self.head_stride = head_stride
         self.edge_input = edge_input
         self.fusion_grad = float(fusion_grad)
+        self.classes = classes
+        self.mode = None if mode is None else check_mode(mode, classes, "ADSTHead")
 
     @property
     def in_channels(self) -> int:
@@ -176,10 +191,24 @@ class ADSTHead(nn.Module):
         if main_low.shape[-2:] != low_res:
             main_low = F.interpolate(main_low, size=low_res, mode="bilinear", align_corners=False)
         main = main_low if s == 1 else F.interpolate(main_low, size=size, mode="bilinear", align_corners=False)
-        source = mask_logits if self.edge_input == "logits" else torch.sigmoid(mask_logits.detach().float())
+        source = mask_logits if self.edge_input == "logits" else self._probability(mask_logits.detach().float())
         edge = self.edge(source)
         fused = self.fusion(grad_scale(main_low, self.fusion_grad), edge)
         return HeadMaps(main, edge, fused)
 
+    def _probability(self, logits: Tensor) -> Tensor:
+        # The model's own probability: softmax over the classes in multiclass mode, else a sigmoid per channel
+        # (for one channel the modes agree, so a 1-class head needs no mode).
+        if self.mode == MULTICLASS_MODE:
+            return torch.softmax(logits, dim=1)
+        if self.mode is None and self.classes > 1:
+            raise RuntimeError(
+                f"ADSTHead: the mode of a {self.classes}-class model is unknown, so its probability is too. Build "
+                "ADSTLoss(model, base_loss=smp.losses.DiceLoss('multiclass' or 'multilabel', from_logits=True)) "
+                "before the first training forward, or pass mode= to wrap_with_adst"
+            )
+        return torch.sigmoid(logits)
+
     def extra_repr(self) -> str:
-        return f"head_stride={self.head_stride}, edge_input={self.edge_input!r}, fusion_grad={self.fusion_grad}"
+        mode = "" if self.classes == 1 else f", classes={self.classes}, mode={self.mode!r}"
+        return f"head_stride={self.head_stride}, edge_input={self.edge_input!r}, fusion_grad={self.fusion_grad}{mode}"

@@ -1,7 +1,9 @@
 """``ADSTLoss``: the mask loss plus the auxiliary terms of the ADST head.
 
 ``ADSTLoss(model)`` is given the wrapped model once; ``criterion(logits, mask)`` then takes the same mask
-logits a plain loss takes and collects the head's maps from ``model.pop_maps()``. In training mode::
+logits a plain loss takes and collects the head's maps from ``model.pop_maps()``. The smp mode (binary,
+multiclass, multilabel; :mod:`adst_plugin.modes`) comes from the base loss's ``.mode``, ``mode=`` or the model,
+and ``ignore_index`` from the base loss or ``ignore_index=``. In training mode::
 
     total = w_mask * base(logits, y) + aux_scale * sum_t w_t * term_t
 
@@ -17,31 +19,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_bchw, check_mask, check_mask_matches
-from .functional import (
-    band_weights,
-    binarization_loss,
-    boundary_loss,
-    core_loss,
-    edge_loss,
-    mask_logits,
-    sdf_loss,
-    signed_distance,
-    symmetric_threshold,
-    threshold_loss,
-)
+from ._checks import check_bchw, check_mask_matches
+from .functional import mask_logits
+from .mask_losses import DiceBCELoss, DiceCELoss, default_mask_loss
+from .modes import MULTICLASS_MODE, MULTILABEL_MODE, check_labels, loss_ignore_index, resolve_mode, target_channels
 from .presets import LOSS_WEIGHTS, ADSTConfig, get_config
 from .targets import adst_targets
+from .terms import aux_terms
 
 if TYPE_CHECKING:
     from .wrapper import ADSTModel
 
-__all__ = ["ADSTLoss", "DiceBCELoss"]
+__all__ = ["ADSTLoss", "DiceBCELoss", "DiceCELoss"]
 
 #: Config fields the loss may override (the head's structure stays the model's).
 LOSS_FIELDS = (
@@ -54,25 +46,6 @@ LOSS_FIELDS = (
     "thresh_min",
     "thresh_max",
 )
-
-
-class DiceBCELoss(nn.Module):
-    """smp's binary Dice loss plus BCE-with-logits, both on logits (B, 1, H, W).
-
-    Shape:
-        logits (B, 1, H, W), target (B, 1, H, W) in [0, 1] -> scalar
-    """
-
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0):
-        super().__init__()
-        self.dice = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
-        self.dice_weight, self.bce_weight = dice_weight, bce_weight
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        target = target.to(logits.dtype)
-        return self.dice_weight * self.dice(logits, target) + self.bce_weight * F.binary_cross_entropy_with_logits(
-            logits, target
-        )
 
 
 def _unwrap(model: Any) -> Any:
@@ -90,10 +63,14 @@ class ADSTLoss(nn.Module):
     Args:
         model: the :class:`~adst_plugin.ADSTModel` (also accepted under DDP or ``torch.compile``); ``None``
             gives the plain base loss (a baseline with the same loss class).
-        base_loss: any ``(logits, target) -> scalar`` callable for the mask logits (default :class:`DiceBCELoss`;
-            e.g. ``smp.losses.DiceLoss("binary")``).
+        base_loss: any ``(logits, target) -> scalar`` callable for the mask logits, e.g.
+            ``smp.losses.DiceLoss("multiclass", from_logits=True)``: its ``.mode`` and ``.ignore_index`` are read.
+            Default: :class:`DiceBCELoss` (binary, multilabel) or :class:`DiceCELoss` (multiclass).
         fused_loss: a different callable for the paper preset's fused mask (default: ``base_loss``).
         aux_scale: multiplier of every auxiliary term; a training loop may change it per epoch.
+        mode: ``"binary"``, ``"multiclass"`` or ``"multilabel"``; needed only when neither the base loss
+            (``.mode``) nor the model says it and the model has C > 1 classes. Must agree with both.
+        ignore_index: mask value of pixels that train no term; default: the base loss's ``ignore_index``.
         **overrides: loss weights (``w_mask``, ``w_core``, ``w_edge``, ``w_fused``, ``w_threshold``, ``w_binary``,
             ``w_boundary``) and target/binarisation parameters; the rest come from ``model.config``.
 
@@ -112,6 +89,8 @@ class ADSTLoss(nn.Module):
         *,
         fused_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
         aux_scale: float = 1.0,
+        mode: str | None = None,
+        ignore_index: int | None = None,
         **overrides: Any,
     ):
         super().__init__()
@@ -130,18 +109,32 @@ class ADSTLoss(nn.Module):
             )
         base_config = wrapped.config if wrapped is not None else get_config()
         self.config: ADSTConfig = base_config.replace(**overrides) if overrides else base_config
+        self.classes: int | None = wrapped.classes if wrapped is not None else None
+        model_mode = wrapped.mode if wrapped is not None else None
+        self.mode = resolve_mode(self.classes, "ADSTLoss", mode=mode, base_loss=base_loss, model_mode=model_mode)
+        self.ignore_index = _resolve_ignore_index(ignore_index, base_loss)
+        if wrapped is not None:
+            wrapped._bind_mode(self.mode)  # the head's edge cue takes the same probability as the loss
         # A plain attribute, not a submodule: the loss must not own (or save, or move) the model.
         self.__dict__["model"] = wrapped
-        self.base_loss = base_loss if base_loss is not None else DiceBCELoss()
+        self.base_loss = base_loss if base_loss is not None else default_mask_loss(self.mode, self.ignore_index)
         self.fused_loss = fused_loss if fused_loss is not None else self.base_loss
         self.aux_scale = aux_scale
         self.last_terms: dict[str, Tensor] = {}
 
     @property
-    def target_kwargs(self) -> dict[str, float]:
-        """The target parameters, for :func:`~adst_plugin.targets.adst_targets` (e.g. in DataLoader workers)."""
+    def target_kwargs(self) -> dict[str, Any]:
+        """The target parameters, for :func:`~adst_plugin.targets.adst_targets` (e.g. in DataLoader workers):
+        ``shrink_ratio``, ``thresh_min``, ``thresh_max``, and ``mode``, ``classes``, ``ignore_index``."""
         c = self.config
-        return {"shrink_ratio": c.shrink_ratio, "thresh_min": c.thresh_min, "thresh_max": c.thresh_max}
+        return {
+            "shrink_ratio": c.shrink_ratio,
+            "thresh_min": c.thresh_min,
+            "thresh_max": c.thresh_max,
+            "mode": self.mode,
+            "classes": self.classes,
+            "ignore_index": self.ignore_index,
+        }
 
     def forward(
         self, logits: Tensor | tuple[Tensor, ...], mask: Tensor, targets: tuple[Tensor, Tensor] | None = None
@@ -149,20 +142,24 @@ class ADSTLoss(nn.Module):
         """Total loss.
 
         Args:
-            logits: the model's output: mask logits (B, 1, H, W), or a tuple whose first item is them
+            logits: the model's output: mask logits (B, C, H, W), or a tuple whose first item is them
                 (smp ``aux_params``).
-            mask: ground truth (B, 1, H, W): bool, {0, 1} or uint8 {0, 255}.
-            targets: optional precomputed ``(core, border)`` from :func:`adst_plugin.targets.adst_targets`.
+            mask: ground truth: binary (B, 1, H, W) bool, {0, 1} or uint8 {0, 255}; multiclass (B, H, W) or
+                (B, 1, H, W) integer class indices; multilabel (B, C, H, W) in {0, 1}. Values equal to
+                ``ignore_index`` are ignored.
+            targets: optional precomputed ``(core, border)`` from :func:`adst_plugin.targets.adst_targets`,
+                (B, K, H, W) each.
         Returns:
             Scalar loss.
         Raises:
             RuntimeError: the model is in training mode but ran no training forward since the last loss call.
         """
-        logits = check_bchw(mask_logits(logits), "mask logits", "ADSTLoss", channels=1)
-        target = check_mask(mask, "ADSTLoss")
-        check_mask_matches(target, logits, "ADSTLoss")
-        target = target.to(device=logits.device, dtype=logits.dtype)
-        mask_term = self.base_loss(logits, target)
+        logits = check_bchw(mask_logits(logits), "mask logits", "ADSTLoss", channels=self.classes or None)
+        labels = check_labels(mask, self.mode, logits.shape[1], "ADSTLoss", self.ignore_index)
+        check_mask_matches(labels.y, logits, "ADSTLoss")
+        target = labels.y.to(device=logits.device, dtype=logits.dtype)
+        base_target = target if labels.base is labels.y else _base_target(labels.base, logits)
+        mask_term = self.base_loss(logits, base_target)
         model = self.model
         maps = model.pop_maps() if model is not None else None
         if model is None or not model.training:
@@ -180,34 +177,30 @@ class ADSTLoss(nn.Module):
             )
         c = self.config
         if targets is None:
-            core, border = adst_targets(target, **self.target_kwargs)
+            # The validated target classes, one {0, 1} channel each: no second value check.
+            mode = self.mode if self.mode != MULTICLASS_MODE and labels.valid is None else MULTILABEL_MODE
+            kwargs = {**self.target_kwargs, "mode": mode, "classes": labels.y.shape[1], "ignore_index": None}
+            core, border = adst_targets(labels.y, **kwargs)
         else:
             core, border = targets
+            channels = target_channels(self.mode, logits.shape[1])
             for name, value in (("core", core), ("border", border)):
-                check_bchw(value, name, "ADSTLoss", channels=1)
+                check_bchw(value, name, "ADSTLoss", channels=channels)
                 check_mask_matches(value, logits, f"ADSTLoss ({name})")
             core, border = core.to(logits.device), border.to(logits.device)
-        band = band_weights(border, c.thresh_min, c.thresh_max)
-        sdf = signed_distance(border, target, c.thresh_min, c.thresh_max)
-        terms: dict[str, tuple[float, Tensor]] = {}
-        if c.main_target == "sdf":
-            terms["sdf"] = (c.w_core, sdf_loss(maps.main, sdf))
-        else:
-            terms["core"] = (c.w_core, core_loss(maps.main, core))
-        if c.edge_input == "logits":
-            terms["edge"] = (c.w_edge, edge_loss(maps.edge, border))
-        if c.fused_role == "mask":
-            terms["fused"] = (c.w_fused, self.fused_loss(maps.fused, target.to(maps.fused.dtype)))
-        else:
-            if c.threshold_target == "symmetric":  # every pixel: T is centred on the edge, not only near it
-                t_target, t_where = symmetric_threshold(sdf, c.thresh_min, c.thresh_max), torch.ones_like(band)
-            else:
-                t_target, t_where = border, band
-            terms["threshold"] = (c.w_threshold, threshold_loss(maps.fused, t_target, t_where))
-            binary = binarization_loss(logits, maps.fused, target, c.db_steepness, c.detach_threshold)
-            terms["binary"] = (c.w_binary, binary)
-        if c.w_boundary > 0:
-            terms["boundary"] = (c.w_boundary, boundary_loss(logits, target, band))
+        terms = aux_terms(
+            c,
+            maps,
+            logits,
+            target,
+            core,
+            border,
+            fused_loss=self.fused_loss,
+            fused_target=base_target,
+            mode=self.mode,
+            valid=None if labels.valid is None else labels.valid.to(logits.device),
+            index=None if labels.index is None else labels.index.to(logits.device),
+        )
         aux = sum(weight * value for weight, value in terms.values())
         total = c.w_mask * mask_term + self.aux_scale * aux
         self.last_terms = {"mask": mask_term.detach(), **{k: v.detach() for k, (_, v) in terms.items()}}
@@ -216,4 +209,25 @@ class ADSTLoss(nn.Module):
 
     def extra_repr(self) -> str:
         weights = ", ".join(f"{name}={getattr(self.config, name)}" for name in LOSS_WEIGHTS)
-        return f"{weights}, aux_scale={self.aux_scale}"
+        return f"mode={self.mode!r}, {weights}, aux_scale={self.aux_scale}"
+
+
+def _resolve_ignore_index(ignore_index: int | None, base_loss: Any) -> int | None:
+    declared = loss_ignore_index(base_loss)
+    if ignore_index is None:
+        return declared
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ADSTLoss: expected ignore_index to be an int or None, got {type(ignore_index).__name__}")
+    if declared is not None and declared != ignore_index:
+        raise ValueError(
+            f"ADSTLoss: expected ignore_index={ignore_index} to match the base loss's ignore_index, got {declared}. "
+            "Drop ignore_index= (the base loss's is used) or build the base loss with the same one."
+        )
+    return ignore_index
+
+
+def _base_target(base: Tensor, logits: Tensor) -> Tensor:
+    # The mask as the base loss takes it: long class indices (multiclass), else in the logits' dtype.
+    if base.dtype == torch.long:
+        return base.to(logits.device)
+    return base.to(device=logits.device, dtype=logits.dtype)

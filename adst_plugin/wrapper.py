@@ -26,25 +26,49 @@ from ._checks import check_bchw
 from .functional import grad_scale
 from .head import ADSTHead, ADSTOutput, HeadMaps
 from .hooks import FeatureTap, _convs, feature_channels, resolve_module, strip_captures
+from .modes import check_mode
 from .presets import DEFAULT_PRESET, ADSTConfig, get_config
 
 __all__ = ["ADSTModel", "HeadWrapper", "wrap_with_adst"]
 
 
-def _check_binary(model: nn.Module, where: str) -> None:
+def _model_classes(model: nn.Module) -> int | None:
     head_convs = _convs(getattr(model, "segmentation_head", None))  # smp: classes = last conv's out_channels
-    if head_convs and head_convs[-1].out_channels != 1:
+    return head_convs[-1].out_channels if head_convs else None
+
+
+def _check_binary(model: nn.Module, where: str) -> None:
+    classes = _model_classes(model)
+    if classes is not None and classes != 1:
         raise ValueError(
-            f"{where}: expected a binary model (classes=1), got classes={head_convs[-1].out_channels}. "
-            "ADST targets are defined for binary lesion masks; multi-class support is not implemented yet."
+            f"{where}: expected a binary model (classes=1), got classes={classes}. This head supports binary "
+            "models only; wrap_with_adst supports every smp mode."
         )
 
 
-def _split_output(output: Any) -> tuple[Tensor, Tensor | None]:
+def _resolve_classes(model: nn.Module, classes: int | None, where: str) -> int:
+    # smp models say it (their segmentation head); other modules return 1 channel unless classes= says otherwise.
+    found = _model_classes(model)
+    if classes is None:
+        return 1 if found is None else found
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise ValueError(f"{where}: expected classes to be an int >= 1, got {classes!r}")
+    if found is not None and found != classes:
+        raise ValueError(
+            f"{where}: expected classes={classes} to match the model's segmentation head, got {found} output "
+            "channels. Drop classes= (it is read off smp models)."
+        )
+    return classes
+
+
+def _split_output(output: Any, classes: int = 1) -> tuple[Tensor, Tensor | None]:
     masks, labels = (output[0], output[1]) if isinstance(output, (tuple, list)) else (output, None)
     check_bchw(masks, "mask logits", "ADSTModel")
-    if masks.shape[1] != 1:
-        raise ValueError(f"ADSTModel: expected mask logits with 1 channel (classes=1), got {tuple(masks.shape)}")
+    if masks.shape[1] != classes:
+        raise ValueError(
+            f"ADSTModel: expected mask logits with {classes} channel(s) (classes={classes}), got "
+            f"{tuple(masks.shape)}. Pass classes=<C> to wrap_with_adst for a model that is not an smp model."
+        )
     return masks, labels
 
 
@@ -62,13 +86,17 @@ class HeadWrapper(nn.Module):
         where: the wrapper's name, for error messages.
     """
 
+    #: Whether the head serves 1-class models only (checked at construction); ADSTModel serves every smp mode.
+    binary_only = True
+
     def __init__(self, model: nn.Module, features: str | None, where: str):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"{where}: expected an nn.Module, got {type(model).__name__}")
         if isinstance(model, HeadWrapper):
             raise TypeError(f"{where}: the model is already wrapped; wrap the plain model")
-        _check_binary(model, where)
+        if self.binary_only:
+            _check_binary(model, where)
         self.model = model
         self.features = features
         self._where = where
@@ -130,31 +158,63 @@ class ADSTModel(HeadWrapper):
     """A segmentation model plus the ADST auxiliary head. Build it with :func:`wrap_with_adst`.
 
     Args:
-        model: the segmentation model (returns mask logits (B, 1, H, W), or a tuple whose first item is them).
+        model: the segmentation model (returns mask logits (B, C, H, W), or a tuple whose first item is them).
         config: the head and loss configuration.
         in_channels: channels of the tapped features; inferred for smp models.
+        classes: C, the model's output channels; read off smp models, else 1 unless given.
+        mode: the smp mode (``"binary"``, ``"multiclass"``, ``"multilabel"``); None lets ``ADSTLoss`` set it
+            from its base loss.
 
     Shape:
         (B, C_in, H, W) -> whatever the wrapped model returns, in both modes.
     """
 
-    def __init__(self, model: nn.Module, config: ADSTConfig, in_channels: int | None = None):
+    binary_only = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ADSTConfig,
+        in_channels: int | None = None,
+        classes: int | None = None,
+        mode: str | None = None,
+    ):
         if not isinstance(config, ADSTConfig):
             raise TypeError(f"ADSTModel: expected an ADSTConfig, got {type(config).__name__}")
         features = config.features if config.head_input == "features" else None
         super().__init__(model, features, "wrap_with_adst")
         self.config = config
-        in_channels = (in_channels or self._feature_channels()) if features is not None else 1
+        self.classes = _resolve_classes(model, classes, "wrap_with_adst")
+        if mode is not None:
+            check_mode(mode, self.classes, "wrap_with_adst")
+        in_channels = (in_channels or self._feature_channels()) if features is not None else self.classes
         self.head = ADSTHead(
-            in_channels, config.hidden_channels, config.head_stride, config.edge_input, config.fusion_grad
+            in_channels,
+            config.hidden_channels,
+            config.head_stride,
+            config.edge_input,
+            config.fusion_grad,
+            self.classes,
+            mode,
         )
+
+    @property
+    def mode(self) -> str | None:
+        """The smp mode of the model and its loss: given to ``wrap_with_adst``, or set by ``ADSTLoss``."""
+        return self.head.mode
+
+    def _bind_mode(self, mode: str) -> None:
+        # ADSTLoss resolved the mode (its checks include this model's): the head's probability follows it. A
+        # 1-class head needs none (sigmoid either way), so a binary and a multilabel loss may share it.
+        if self.classes > 1:
+            self.head.mode = check_mode(mode, self.classes, "ADSTLoss")
 
     def forward(self, x: Tensor) -> Any:
         """Exactly ``self.model(x)``; in training mode the head's maps are also kept for the loss."""
         self._arm()
         output = self.model(x)
         if self.training:
-            masks, _ = _split_output(output)
+            masks, _ = _split_output(output, self.classes)
             self._pending = self._run_head(masks)
         return output
 
@@ -176,7 +236,7 @@ class ADSTModel(HeadWrapper):
         if self._tap is not None:
             self._tap.capture.active = True
         try:
-            masks, labels = _split_output(self.model(x))
+            masks, labels = _split_output(self.model(x), self.classes)
             maps = self._run_head(masks)
         finally:
             self._arm()
@@ -190,22 +250,31 @@ class ADSTModel(HeadWrapper):
 
 
 def wrap_with_adst(
-    model: nn.Module, preset: str | ADSTConfig = DEFAULT_PRESET, *, in_channels: int | None = None, **overrides: Any
+    model: nn.Module,
+    preset: str | ADSTConfig = DEFAULT_PRESET,
+    *,
+    in_channels: int | None = None,
+    classes: int | None = None,
+    mode: str | None = None,
+    **overrides: Any,
 ) -> ADSTModel:
-    """Wrap a binary segmentation model with the ADST head for training.
+    """Wrap a segmentation model (binary, multiclass or multilabel) with the ADST head for training.
 
     Args:
         model: an smp model (any of the 12 architectures) or any ``nn.Module`` returning mask logits
-            (B, 1, H, W), or a tuple whose first item is them.
+            (B, C, H, W), or a tuple whose first item is them.
         preset: a name from :data:`~adst_plugin.presets.PRESETS` (``"adst"``, ``"paper"``, ``"legacy"``) or an
             :class:`~adst_plugin.presets.ADSTConfig`.
         in_channels: channels of the tapped features; inferred for smp models.
+        classes: C, the model's output channels; read off smp models (other modules: 1 unless given).
+        mode: ``"binary"``, ``"multiclass"`` or ``"multilabel"`` (smp's modes). Optional: ``ADSTLoss`` reads it
+            from its smp base loss (``.mode``); a 1-class model is binary.
         **overrides: any :class:`~adst_plugin.presets.ADSTConfig` field, e.g. ``feature_grad=0.5``,
             ``features="decoder.blocks.3"``, ``w_boundary=0``.
     Returns:
         :class:`ADSTModel`; train it with ``ADSTLoss(model)`` and call ``.export()`` for the plain model.
     Raises:
-        KeyError: unknown preset. TypeError: unknown option. ValueError: bad values, ``classes != 1``,
-        unknown ``features`` path, invalid ``hidden_channels``.
+        KeyError: unknown preset. TypeError: unknown option. ValueError: bad values, a ``mode`` that does not
+        fit the model's classes, unknown ``features`` path, invalid ``hidden_channels``.
     """
-    return ADSTModel(model, get_config(preset, **overrides), in_channels=in_channels)
+    return ADSTModel(model, get_config(preset, **overrides), in_channels=in_channels, classes=classes, mode=mode)

@@ -1,7 +1,8 @@
-"""Well-posedness of every auxiliary term in adst_plugin.functional (issue 8).
+"""Well-posedness of every auxiliary term in adst_plugin.functional.
 
 Each term is checked on a disc, a ring and a two-lesion mask (48 x 48, built with NumPy; targets from
-``adst_targets``, band from ``band_weights``):
+``adst_targets``, band from ``band_weights``), and for C = 3 classes on a multiclass mask (two touching lesion
+classes) and a multilabel mask (three overlapping labels), one channel per target class:
 
 * on ideal inputs of growing confidence ``a`` (mask logits ``a (2y - 1)``) the term does not increase;
 * minimising the term alone with Adam from a noisy start reaches its own target on >= 99 % of the pixels
@@ -18,6 +19,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -183,14 +185,14 @@ def test_binarization_loss_alone_undoes_confident_errors(case: Case) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_edge_loss_penalises_confident_correct_logits_issue_numbers() -> None:
-    # The issue's disc: R = 25 on 128 x 128. Logits a (2y - 1), edge = Laplacian of the logits vs the border map.
+def test_edge_loss_penalises_confident_correct_logits_pinned_numbers() -> None:
+    # A disc of R = 25 on 128 x 128. Logits a (2y - 1), edge = Laplacian of the logits vs the border map.
     y = torch.from_numpy(_disc(128, 25).astype(np.float32))[None, None]
     _, border = adst_targets(y)
     values = [fn.edge_loss(edge_map(a * (2 * y - 1)), border).item() for a in (0.0, 1.0, 5.0, 20.0)]
     assert values[0] == pytest.approx(math.log(2), abs=1e-6)  # zero edge map: BCE(0, border) = log 2
     assert values[0] < values[1] < values[2] < values[3]
-    # The issue quotes 0.693 / 0.719 / 0.863 at a = 0 / 5 / 20 (measured here: 0.693 / 0.720 / 0.865).
+    # 0.693 / 0.720 / 0.865 at a = 0 / 5 / 20 (docs/design.md).
     assert values[2] == pytest.approx(0.719, abs=0.005) and values[3] == pytest.approx(0.863, abs=0.005)
 
 
@@ -298,3 +300,91 @@ def test_mask_logits_takes_the_first_item_of_smp_tuples() -> None:
     masks, labels = torch.randn(2, 1, 4, 4), torch.randn(2, 3)
     assert fn.mask_logits(masks) is masks
     assert fn.mask_logits((masks, labels)) is masks and fn.mask_logits([masks, labels]) is masks
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. C > 1: the same minimisers, one channel per target class
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _class_index() -> torch.Tensor:
+    """(1, 48, 48) class indices: a class-1 disc touched by a class-2 block (painted over it), background around."""
+    index = np.zeros((SIZE, SIZE), np.int64)
+    index[_disc(SIZE, 12, (16, 16))] = 1
+    index[26:44, 20:44] = 2
+    return torch.from_numpy(index)[None]
+
+
+class ClassCase:
+    """A C = 3 mask of ``mode`` with its targets: ``y`` (1, K, H, W) target classes, ``index`` (multiclass) or the
+    labels (multilabel), core, border, band and T = logit(border), each (1, K, H, W)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        if mode == "multiclass":
+            self.index = _class_index()
+            self.all = F.one_hot(self.index, 3).permute(0, 3, 1, 2).float()  # every class, background included
+            self.y = self.all[:, 1:]
+            self.core, self.border = adst_targets(self.index, mode="multiclass", classes=3)
+        else:
+            labels = np.stack([_disc(SIZE, 18), _disc(SIZE, 12, (14, 14)) | _disc(SIZE, 6, (34, 34)), MASKS["ring"]])
+            self.y = self.all = torch.from_numpy(labels.astype(np.float32))[None]  # overlapping labels
+            self.index = self.y
+            self.core, self.border = adst_targets(self.y, mode="multilabel")
+        self.band = fn.band_weights(self.border, THRESH_MIN, THRESH_MAX)
+        self.threshold_logits = torch.logit(self.border.double()).float()
+
+    def probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """P of each target class: softmax over the 3 classes (multiclass, classes 1 and 2), else the sigmoid."""
+        probs = fn.class_probability(logits, self.mode)
+        return probs[:, 1:] if self.mode == "multiclass" else probs
+
+
+@pytest.fixture(scope="module", params=["multiclass", "multilabel"])
+def class_case(request: pytest.FixtureRequest) -> ClassCase:
+    return ClassCase(request.param)
+
+
+def test_the_class_masks_are_what_they_claim(class_case: ClassCase) -> None:
+    assert class_case.y.shape[1] == (2 if class_case.mode == "multiclass" else 3)
+    for k in range(class_case.y.shape[1]):  # every target class has a core, a band and pixels far from its edges
+        assert class_case.core[:, k].sum() > 0 and (class_case.core[:, k] <= class_case.y[:, k]).all()
+        assert (class_case.band[:, k] > 0).sum() > 100 and (class_case.band[:, k] == 0).sum() > 100
+    if class_case.mode == "multilabel":
+        assert (class_case.y.sum(1) > 1).any()  # labels overlap
+
+
+def test_every_term_decreases_with_confidence_for_every_class(class_case: ClassCase) -> None:
+    c = class_case
+    values: dict[str, list[float]] = {name: [] for name in ("core", "threshold", "binarization", "boundary")}
+    for a in CONFIDENCES:
+        logits = a * (2 * c.all - 1)  # ideal logits over all C channels
+        values["core"].append(fn.core_loss(a * (2 * c.core - 1), c.core).item())
+        threshold = (a / CONFIDENCES[-1]) * c.threshold_logits
+        values["threshold"].append(fn.threshold_loss(threshold, c.border, c.band).item())
+        binary = fn.binarization_loss(logits, c.threshold_logits, c.y, DB_STEEPNESS, mode=c.mode)
+        values["binarization"].append(binary.item())
+        values["boundary"].append(fn.boundary_loss(logits, c.index, c.band, mode=c.mode).item())
+    for name, (v1, v5, v20) in values.items():
+        assert v1 > v5 >= v20 - 1e-6 and 0.0 <= v20 < 1e-6, (name, values[name])
+
+
+def test_terms_alone_reach_their_targets_for_every_class(class_case: ClassCase) -> None:
+    c = class_case
+    main = _minimise(lambda x: fn.core_loss(x, c.core), c.core.shape, std=2.0)
+    assert _agreement(main > 0, c.core) >= 0.99
+    thresh = _minimise(lambda x: fn.threshold_loss(x, c.border, c.band), c.border.shape, std=2.0)
+    close = (torch.sigmoid(thresh) - c.border).abs() < 0.05
+    assert close[c.band > 0].float().mean().item() >= 0.99
+    # Binarisation (T fixed at the border map): the model's own probability of class k exceeds T_k exactly on k.
+    logits = _minimise(
+        lambda x: fn.binarization_loss(x, c.threshold_logits, c.y, DB_STEEPNESS, mode=c.mode), c.all.shape, std=2.0
+    )
+    assert _agreement(c.probability(logits) > c.border, c.y) >= 0.99
+    # Boundary: the mask on every band pixel (the class of the largest logit; each label's sign in multilabel).
+    logits = _minimise(lambda x: fn.boundary_loss(x, c.index, c.band, mode=c.mode), c.all.shape, std=2.0)
+    if c.mode == "multiclass":
+        on_band = c.band.amax(1) > 0
+        assert (logits.argmax(1) == c.index)[on_band].float().mean().item() >= 0.99
+    else:
+        assert _agreement(logits > 0, c.y, c.band > 0) >= 0.99

@@ -1,10 +1,11 @@
-"""Gradient reach: which parameter groups each loss term trains, per preset (issue 8).
+"""Gradient reach: which parameter groups each loss term trains, per preset and mode.
 
 For every preset and every term with a nonzero weight in it, the term is switched on alone (every other weight,
 ``w_mask`` included, set to 0 through ``ADSTLoss`` overrides) and one backward pass tells which groups get a
-nonzero gradient: the exported model's ``encoder``, ``decoder`` and ``segmentation_head`` and the head's
-``head.main`` and ``head.fusion`` (``head.edge`` has no parameters). ``EXPECTED`` pins the table, and the same
-table, rendered by :func:`render_table`, must appear verbatim in docs/design.md ("What trains what").
+nonzero gradient (binary: a 1-class model; the multiclass and multilabel rows: the same model with 3 classes):
+the exported model's ``encoder``, ``decoder`` and ``segmentation_head`` and the head's ``head.main`` and
+``head.fusion`` (``head.edge`` has no parameters). ``EXPECTED`` pins the table, and the same table, rendered by
+:func:`render_table`, must appear verbatim in docs/design.md ("What trains what").
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_unet
+from multiclass_cases import tiny_model
 
 from adst_plugin import PRESETS, ADSTLoss, wrap_with_adst
 from adst_plugin.presets import LOSS_WEIGHTS
@@ -57,11 +59,26 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "threshold": frozenset({"head.fusion"}),
         "binary": MODEL,
     },
-    ("adst, fusion_grad=1 (rounds 1-2)", "adst", (("fusion_grad", 1.0),), ()): {
+    ("adst, fusion_grad=1 (reference wiring)", "adst", (("fusion_grad", 1.0),), ()): {
         "core": frozenset({"encoder", "decoder", "head.main"}),
         # the reference's wiring: T's loss trains the main branch and, through it, the features
         "threshold": frozenset({"encoder", "decoder", "head.main", "head.fusion"}),
         "binary": MODEL,
+    },
+    ("adst, multiclass (C = 3)", "adst", (), (("mode", "multiclass"),)): {
+        "mask": MODEL,
+        "core": frozenset({"encoder", "decoder", "head.main"}),  # classes 1 and 2 of the main map
+        "threshold": frozenset({"head.fusion"}),
+        "binary": MODEL,  # the softmax probability of each lesion class: every logit channel
+    },
+    ("adst, multilabel (C = 3)", "adst", (), (("mode", "multilabel"),)): {
+        "mask": MODEL,
+        "core": frozenset({"encoder", "decoder", "head.main"}),
+        "threshold": frozenset({"head.fusion"}),
+        "binary": MODEL,
+    },
+    ("adst, multiclass, w_boundary=1", "adst", (("w_boundary", 1.0),), (("mode", "multiclass"),)): {
+        "boundary": MODEL,  # a band-weighted cross-entropy of the exported logits
     },
     ("paper", "paper", (), ()): {
         "mask": MODEL,
@@ -69,9 +86,15 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "edge": MODEL,  # the Laplacian of the mask logits: no parameters of its own
         "fused": MODEL | {"head.main", "head.fusion"},  # through the main branch and the Laplacian of the logits
     },
+    ("paper, multiclass (C = 3)", "paper", (), (("mode", "multiclass"),)): {
+        "mask": MODEL,
+        "core": MODEL | {"head.main"},
+        "edge": MODEL,
+        "fused": MODEL | {"head.main", "head.fusion"},
+    },
     ("legacy", "legacy", (), ()): {
         "mask": MODEL,
-        "core": frozenset({"head.main"}),  # nothing reaches the exported model: the flaw issue 8 names
+        "core": frozenset({"head.main"}),  # nothing reaches the exported model: legacy's flaw
         "edge": MODEL,
         "fused": MODEL | {"head.main", "head.fusion"},  # into the model only through the Laplacian of the logits
     },
@@ -93,25 +116,32 @@ def test_every_weighted_term_of_every_preset_is_pinned():
         assert set(EXPECTED[(name, name, (), ())]) == weighted, name
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(mode: str = "binary") -> tuple[torch.Tensor, torch.Tensor]:
     yy, xx = np.mgrid[:64, :64]
     y = np.zeros((2, 1, 64, 64), np.float32)
     y[0, 0] = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 20**2  # a disc
     y[1, 0] = (yy - 20) ** 2 + (xx - 44) ** 2 <= 4**2  # a small blob
     g = torch.Generator().manual_seed(0)
-    return torch.randn(2, 3, 64, 64, generator=g), torch.from_numpy(y)
+    mask = torch.from_numpy(y)
+    if mode == "multiclass":  # the disc is class 1, the blob class 2
+        mask = mask[:, 0].long() * torch.tensor([1, 2]).view(2, 1, 1)
+    elif mode == "multilabel":  # the lesion, its mirror image and its left half: overlapping labels
+        mask = torch.cat([mask, mask.flip(-1), mask * torch.from_numpy(xx < 32).float()], 1)
+    return torch.randn(2, 3, 64, 64, generator=g), mask
 
 
 def _grads(preset: str, term: str, wrap: dict | None = None, loss: dict | None = None) -> dict[str, torch.Tensor]:
     """Parameter gradients (zeros where None) after one backward of ``term`` alone, at the preset's weight."""
+    mode = (loss or {}).get("mode", "binary")
     torch.manual_seed(0)
-    model = wrap_with_adst(tiny_unet(), preset, **(wrap or {})).train()
+    net = tiny_unet() if mode == "binary" else tiny_model(3)
+    model = wrap_with_adst(net, preset, **(wrap or {})).train()
     weights = {w: 0.0 for w in LOSS_WEIGHTS}
     weight = f"w_{term}"
     weights[weight] = getattr(model.config, weight)
     assert weights[weight] > 0, f"{term} has no weight in {preset}"
     criterion = ADSTLoss(model, **weights, **(loss or {}))
-    x, y = _batch()
+    x, y = _batch(mode)
     criterion(model(x), y).backward()
     assert set(criterion.last_terms) >= {term}
     return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}

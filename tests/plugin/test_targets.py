@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from scipy_reference import reference_boundary, reference_targets
 
+from adst_plugin import _engine_opencv, _engine_torch
 from adst_plugin import targets as targets_module
 from adst_plugin.constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
 from adst_plugin.targets import ENGINES, adst_targets, border_map, boundary_map, core_map
@@ -227,7 +228,7 @@ def test_internal_paths_agree(mask: np.ndarray) -> None:
     """Force the rarely-taken engine path (OpenCV component statistics instead of per-component bbox scans)."""
     core, border = adst_targets(mask)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(targets_module, "_MAX_COMPONENTS_FOR_BBOX_SCAN", 0)
+        mp.setattr(_engine_opencv, "_MAX_COMPONENTS_FOR_BBOX_SCAN", 0)
         core2, border2 = adst_targets(mask)
     np.testing.assert_array_equal(core, core2)
     np.testing.assert_array_equal(border, border2)
@@ -235,7 +236,7 @@ def test_internal_paths_agree(mask: np.ndarray) -> None:
 
 def test_min_sq_distance() -> None:
     for offset in [1e-9, 0.5, 0.84, 1.0, 1.3125, 2.0, np.nextafter(2.0, 3.0), 7.5, 1234.5678]:
-        k = targets_module._min_sq_distance(float(offset))
+        k = _engine_opencv._min_sq_distance(float(offset))
         assert np.sqrt(k) >= offset and (k == 0 or np.sqrt(k - 1) < offset)
 
 
@@ -482,7 +483,7 @@ def test_torch_engine_labels_match_scipy() -> None:
     rng = np.random.default_rng(7)
     mask = np.stack([random_mask(rng, 40, 57, kind) for kind in ["noise", "blobs", "lines", "rects", "empty"]])
     mask = np.concatenate([mask, _spiral(57)[None, :40]])
-    root = targets_module._label_torch(torch.from_numpy(mask)).numpy().reshape(mask.shape)
+    root = _engine_torch._label_torch(torch.from_numpy(mask)).numpy().reshape(mask.shape)
     for i in range(mask.shape[0]):
         labels, n = ndimage.label(mask[i], structure=np.ones((3, 3), int))
         assert ((root[i] >= 0) == mask[i]).all()

@@ -225,8 +225,8 @@ def test_generic_module_needs_channels_when_unknown():
 
 
 def test_bad_configurations_raise_clear_errors(unet):
-    with pytest.raises(ValueError, match=r"classes=1.*got classes=2"):
-        wrap(smp.Unet("resnet18", encoder_weights=None, classes=2))
+    with pytest.raises(ValueError, match=r"'binary' mode for a 1-class model, got a 2-class model"):
+        wrap(smp.Unet("resnet18", encoder_weights=None, classes=2), mode="binary")
     with pytest.raises(ValueError, match="no submodule 'neck'"):
         wrap(unet, features="neck")
     with pytest.raises(ValueError, match="unknown head_input"):
