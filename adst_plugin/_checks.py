@@ -167,12 +167,17 @@ def check_class_mask(mask: Any, classes: int, where: str, ignore_index: int | No
     if m.shape[-2] == 0 or m.shape[-1] == 0:
         raise ValueError(f"{where}: expected a mask with non-empty H and W, got {tuple(m.shape)}")
     m = m.long()
-    if _is_tracing():
+    if _is_tracing() or m.numel() == 0:
         return m
-    bad = (m < 0) | (m >= classes)
-    if ignore_index is not None:
-        bad &= m != ignore_index
-    if not values_ok(~bad.any()):
+    if ignore_index is None:  # one reduction instead of elementwise comparisons
+        low, high = torch.aminmax(m)
+        ok = (low >= 0) & (high < classes)
+    else:
+        ok = ~(((m < 0) | (m >= classes)) & (m != ignore_index)).any()
+    if not values_ok(ok):
+        bad = (m < 0) | (m >= classes)
+        if ignore_index is not None:
+            bad &= m != ignore_index
         values = torch.unique(m[bad])[:5].tolist()
         ignored = "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise ValueError(

@@ -81,7 +81,13 @@ def _run_parallel(fn: Callable[[int], None], n_items: int, n_threads: int) -> No
 
 
 def _targets_numpy(
-    m: np.ndarray, shrink_ratio: float, thresh_min: float, thresh_max: float, num_threads: int
+    m: np.ndarray,
+    shrink_ratio: float,
+    thresh_min: float,
+    thresh_max: float,
+    num_threads: int,
+    rows: list[int] | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Core and border maps of a batch of masks.
 
@@ -91,15 +97,20 @@ def _targets_numpy(
         thresh_min: Validated minimum border value.
         thresh_max: Validated maximum border value.
         num_threads: Threads over the batch (>= 1).
+        rows, out: optionally, float32 ``(N, H, W)`` arrays (core zero-initialised) that mask i's maps are written
+            into, at row ``rows[i]`` (the per-class targets fill their output in place, with no copy).
 
     Returns:
-        ``(core, border)``: float32 ``(B, H, W)`` each.
+        ``(core, border)``: float32 ``(B, H, W)`` each (``out`` when given).
     """
-    core = np.zeros(m.shape, np.float32)
-    border = np.empty(m.shape, np.float32)
+    if out is None:
+        core, border = np.zeros(m.shape, np.float32), np.empty(m.shape, np.float32)
+    else:
+        core, border = out
+    index = list(range(m.shape[0])) if rows is None else rows
 
     def one(i: int) -> None:
-        _targets_one(m[i], core[i], border[i], shrink_ratio, thresh_min, thresh_max)
+        _targets_one(m[i], core[index[i]], border[index[i]], shrink_ratio, thresh_min, thresh_max)
 
     _run_parallel(one, m.shape[0], num_threads)
     return core, border

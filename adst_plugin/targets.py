@@ -321,15 +321,19 @@ def _targets(
         shape = (batch, 1, height, width)
         return _like_mask(core.reshape(shape), mask), _like_mask(border.reshape(shape), mask)
     pairs, masks, shape = _present_pairs(mask, mode, classes, ignore_index, where)
-    batch, channels, height, width = shape
-    device = masks.device
-    core = torch.zeros(batch * channels, height, width, dtype=torch.float32, device=device)
-    border = torch.full((batch * channels, height, width), thresh_min, dtype=torch.float32, device=device)
-    if len(masks):
-        core_p, border_p = _engine(masks, use_torch, params, num_threads)
-        core[pairs] = torch.as_tensor(core_p).to(device)
-        border[pairs] = torch.as_tensor(border_p).to(device)
-    return _like_mask(core.view(shape), mask), _like_mask(border.view(shape), mask)
+    rows = (shape[0] * shape[1], *shape[2:])
+    if use_torch:
+        core = torch.zeros(rows, dtype=torch.float32, device=masks.device)
+        border = torch.full(rows, thresh_min, dtype=torch.float32, device=masks.device)
+        if len(masks):
+            core[pairs], border[pairs] = _targets_torch(masks.detach(), *params)
+    else:  # the engine writes each present pair's maps straight into its row
+        core, border = np.zeros(rows, np.float32), np.full(rows, np.float32(thresh_min))
+        if len(masks):
+            m_np = masks.detach().cpu().contiguous().numpy().view(np.uint8)
+            threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+            _targets_numpy(m_np, *params, threads, rows=pairs.tolist(), out=(core, border))
+    return _like_mask(core.reshape(shape), mask), _like_mask(border.reshape(shape), mask)
 
 
 def _present_pairs(

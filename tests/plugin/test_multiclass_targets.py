@@ -121,9 +121,9 @@ def _count_engine_masks(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]
     seen: list[int] = []
     real = getattr(targets_module, name)
 
-    def counting(m, *args):
+    def counting(m, *args, **kwargs):
         seen.append(int(m.shape[0]))
-        return real(m, *args)
+        return real(m, *args, **kwargs)
 
     monkeypatch.setattr(targets_module, name, counting)
     return seen
