@@ -5,7 +5,7 @@ Every peer is used as its library ships it; this module only names, combines and
 * **Mask losses** (:data:`LOSSES`, ``--loss``): smp's Lovász, focal and Tversky losses, MONAI's
   ``HausdorffDTLoss`` added to our Dice+BCE, and MONAI's own ``DiceCELoss``. Each factory returns an
   ``nn.Module`` mapping ``(logits (B, 1, H, W), target (B, 1, H, W)) -> scalar``. MONAI is imported only when a
-  MONAI loss is built (``pip install "adst-plugin[peers]"``).
+  MONAI loss is built (``pip install -e "./examples[peers]"`` from the repository root).
 * **Deep supervision the mmsegmentation way** (:class:`AuxFCNModel`, :class:`AuxFCNLoss`, ``--aux-fcn 0.4``): an
   FCN head (``FCNHead(num_convs=1)``: conv3x3-BN-ReLU-Dropout(0.1)-conv1x1) on a decoder stage, trained with the
   mask loss at weight 0.4 on its logits upsampled bilinearly to the mask size, and dropped at export. It follows
@@ -51,7 +51,7 @@ __all__ = [
     "fcn_head",
 ]
 
-PEERS_EXTRA = 'pip install "adst-plugin[peers]"'
+PEERS_EXTRA = 'pip install -e "./examples[peers]" (from the repository root)'
 
 #: smp Tversky weights: ``alpha`` multiplies the false positives, ``beta`` the false negatives
 #: (``TP / (TP + alpha*FP + beta*FN)``). See :func:`tversky_loss` for why FN weigh more.

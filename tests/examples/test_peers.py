@@ -98,7 +98,7 @@ def test_dice_hausdorff_adds_the_weighted_monai_term() -> None:
 
 
 def test_monai_dicece_includes_the_bce_term() -> None:
-    # MONAI < 1.3 silently returned a zero CE term for one-channel logits (MONAI #6923); [peers] pins >= 1.3.
+    # MONAI < 1.3 silently returned a zero CE term for one-channel logits (MONAI #6923); examples[peers] pins >= 1.3.
     monai_losses = pytest.importorskip("monai.losses")
     torch.manual_seed(0)
     y, logits = _mask(), torch.randn(2, 1, 32, 32)
@@ -126,7 +126,7 @@ def test_monai_is_imported_lazily_and_its_absence_names_the_extra(monkeypatch: p
     monkeypatch.setitem(sys.modules, "monai", None)
     monkeypatch.setitem(sys.modules, "monai.losses", None)
     for name in sorted(MONAI_LOSSES):
-        with pytest.raises(ImportError, match=r"adst-plugin\[peers\]"):
+        with pytest.raises(ImportError, match=r'pip install -e "\./examples\[peers\]"'):
             build_loss(name)
 
 
