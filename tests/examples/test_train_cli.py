@@ -335,6 +335,7 @@ def test_training_batches_carry_targets_built_in_the_workers() -> None:
     assert sorted(seen) == list(range(8)) and seen != list(range(8))  # every image once, shuffled
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_script_runs_as_a_file_and_reports_bad_data_in_one_line(tmp_path: Path) -> None:
     assert "--dataset {busi,isic2018,kvasir,folder,synthetic}" in train.build_parser().format_help()
     proc = subprocess.run(
