@@ -27,7 +27,7 @@ def onnx_check(model: torch.nn.Module, x: torch.Tensor) -> str:
     try:
         import onnx
     except ImportError:
-        return "skipped (pip install -e \"./examples[bench]\")"
+        return 'skipped (pip install -e "./examples[bench]")'
     buffer = io.BytesIO()
     model, x = model.cpu().eval(), x.cpu()
     try:
