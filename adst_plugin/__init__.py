@@ -11,6 +11,7 @@ the loss terms (``functional``) and their module (``loss``), the ``presets`` tha
 """
 
 from . import constants, functional, modes, presets, targets
+from ._handover import UnclaimedHeadOutputWarning
 from .collate import ADSTTargetCollate
 from .convglu import ConvGLU
 from .head import ADSTHead, ADSTOutput, FusionMap, HeadMaps, MainThresholdMap
@@ -44,6 +45,7 @@ __all__ = [
     "HeadMaps",
     "LaplacianEdge",
     "MainThresholdMap",
+    "UnclaimedHeadOutputWarning",
     "__version__",
     "adst_targets",
     "border_map",

@@ -22,15 +22,19 @@ from torch import Tensor, nn
 __all__ = ["Capture", "FeatureTap", "feature_channels", "resolve_module", "strip_captures"]
 
 
-def resolve_module(model: nn.Module, path: str, where: str = "wrap_with_adst") -> nn.Module:
-    """``model.get_submodule(path)`` with an error that lists what exists."""
+def resolve_module(model: nn.Module, path: str, where: str = "wrap_with_adst", keyword: str = "features") -> nn.Module:
+    """``model.get_submodule(path)`` with an error that lists what exists.
+
+    Args:
+        keyword: the caller's argument that names ``path``, for the fix in the error message.
+    """
     try:
         return model.get_submodule(path)
     except AttributeError:
         names = [name for name, _ in model.named_children()]
         raise ValueError(
             f"{where}: no submodule {path!r} in {type(model).__name__}; top-level children are {names}. "
-            "Pass features='<dotted.path>' naming the module whose output the head should read "
+            f"Pass {keyword}='<dotted.path>' to {where}, naming the module whose output the head should read "
             "(e.g. 'decoder', or 'decoder.blocks.2' for an smp Unet)."
         ) from None
 
@@ -39,11 +43,17 @@ def _convs(module: nn.Module | None) -> list[nn.Conv2d]:
     return [] if module is None else [m for m in module.modules() if isinstance(m, nn.Conv2d)]
 
 
-def feature_channels(model: nn.Module, path: str, tapped: nn.Module, where: str = "wrap_with_adst") -> int:
+def feature_channels(
+    model: nn.Module, path: str, tapped: nn.Module, where: str = "wrap_with_adst", keyword: str | None = "in_channels"
+) -> int:
     """Channels of ``tapped``'s output (``tapped = model.get_submodule(path)``), for smp models and plain modules.
 
     smp: the segmentation head's first conv reads the decoder output; otherwise the module's ``out_channels``
     or its last conv's.
+
+    Args:
+        keyword: the caller's argument that sets the channels, for the fix in the error message; None when the
+            caller has none (the fix is then to tap another module).
     """
     head_convs = _convs(getattr(model, "segmentation_head", None))
     if path == "decoder" and head_convs:
@@ -54,7 +64,8 @@ def feature_channels(model: nn.Module, path: str, tapped: nn.Module, where: str 
     tapped_convs = _convs(tapped)
     if tapped_convs:
         return tapped_convs[-1].out_channels
-    raise ValueError(f"{where}: cannot infer the channels of {path!r}'s output; pass in_channels=<C> explicitly")
+    fix = f"pass {keyword}=<C> to {where}" if keyword else "tap a module with an out_channels attribute or a conv"
+    raise ValueError(f"{where}: cannot infer the channels of {path!r}'s output; {fix}")
 
 
 class Capture:
@@ -63,6 +74,10 @@ class Capture:
     def __init__(self) -> None:
         self.output: Tensor | None = None
         self.active = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy of the hooked model, export(), pickling) captures nothing yet.
+        return {"output": None, "active": self.active}
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self.active:

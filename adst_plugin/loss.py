@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_bchw, check_mask_matches
+from ._step_checks import StepMaskCheck
 from .functional import mask_logits
 from .mask_losses import DiceBCELoss, DiceCELoss, default_mask_loss
 from .modes import MULTICLASS_MODE, MULTILABEL_MODE, check_labels, loss_ignore_index, resolve_mode, target_channels
@@ -121,6 +122,7 @@ class ADSTLoss(nn.Module):
         self.fused_loss = fused_loss if fused_loss is not None else self.base_loss
         self.aux_scale = aux_scale
         self.last_terms: dict[str, Tensor] = {}
+        self._mask_check = StepMaskCheck("ADSTLoss")  # no host sync after the first batch of each shape
 
     @property
     def target_kwargs(self) -> dict[str, Any]:
@@ -152,28 +154,39 @@ class ADSTLoss(nn.Module):
         Returns:
             Scalar loss.
         Raises:
-            RuntimeError: the model is in training mode but ran no training forward since the last loss call.
+            RuntimeError: the model is in training mode but ran no training forward (with grad enabled) since the
+                last loss call.
+            ValueError: the logits are not the output of the model's last training forward (or computed from it);
+                bad masks (on CUDA, after the first batch of a shape, at a later call: see ``_step_checks``).
         """
-        logits = check_bchw(mask_logits(logits), "mask logits", "ADSTLoss", channels=self.classes or None)
-        labels = check_labels(mask, self.mode, logits.shape[1], "ADSTLoss", self.ignore_index)
+        model = self.model
+        training = model is not None and model.training
+        logits = mask_logits(logits)
+        # First, whatever fails below: the maps of the last training forward, checked to be that of these logits.
+        maps = model.pop_maps(logits if training else None) if model is not None else None
+        logits = check_bchw(logits, "mask logits", "ADSTLoss", channels=self.classes or None)
+        labels = self._mask_check(
+            lambda: check_labels(mask, self.mode, logits.shape[1], "ADSTLoss", self.ignore_index),
+            mask,
+            immediate=not training,
+        )
         check_mask_matches(labels.y, logits, "ADSTLoss")
         target = labels.y.to(device=logits.device, dtype=logits.dtype)
         base_target = target if labels.base is labels.y else _base_target(labels.base, logits)
         mask_term = self.base_loss(logits, base_target)
-        model = self.model
-        maps = model.pop_maps() if model is not None else None
-        if model is None or not model.training:
+        if not training:
             self.last_terms = {"mask": mask_term.detach(), "total": mask_term.detach()}
             return mask_term
         if maps is None:
             raise RuntimeError(
                 "ADSTLoss: the model is in training mode but ran no training forward since the last loss call; "
-                "call model(images) once before each criterion(logits, masks)"
+                "call model(images) once before each criterion(logits, masks), with grad enabled (a forward under "
+                "torch.no_grad() runs no head; for a validation loss call model.eval() first)"
             )
         if maps.main.shape[0] != logits.shape[0] or maps.main.shape[-2:] != logits.shape[-2:]:
             raise ValueError(
                 f"ADSTLoss: the head's maps {tuple(maps.main.shape)} do not match the logits {tuple(logits.shape)}; "
-                "pass the output of the model's last forward"
+                "give the loss the model's output uncropped (the maps cannot be cropped the same way)"
             )
         c = self.config
         if targets is None:

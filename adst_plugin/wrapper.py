@@ -5,10 +5,12 @@ configuration (``.config``, an :class:`~adst_plugin.presets.ADSTConfig`).
 
 ``forward`` returns exactly what the wrapped model returns, in training and in eval mode, so every line of
 a training loop that uses the output (``.sigmoid()``, metrics, thresholding) works unchanged. In training
-mode the head also runs, on the features that a hook registered once at construction captured, and its
-maps are kept on the wrapper until :class:`~adst_plugin.ADSTLoss` takes them (``pop_maps``): the maps reach
-the loss through the model object the loss was given, explicitly, with no global state. In eval mode the
-hook does nothing and no head runs.
+mode (with grad enabled) the head also runs, on the features that a hook registered once at construction
+captured, and its maps are kept on the wrapper, with the forward's mask logits, until
+:class:`~adst_plugin.ADSTLoss` takes them (``pop_maps``): the maps reach the loss through the model object the
+loss was given, explicitly, with no global state. The loss checks that its logits are that forward's output, and
+a training forward whose predecessor's maps were never taken warns (:mod:`adst_plugin._handover`). In eval mode,
+and under ``torch.no_grad()``, the hook does nothing and no head runs.
 
 Hook lifecycle: one hook on the tapped submodule, registered in ``__init__`` (so ``torch.compile(...,
 fullgraph=True)`` traces the training forward without a graph break) and removed by :meth:`ADSTModel.remove_hooks`,
@@ -20,9 +22,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ._checks import check_bchw
+from ._handover import WARNS_WHEN_COMPILED, comes_from, mismatch_message, warn_unclaimed
 from .functional import grad_scale
 from .head import ADSTHead, ADSTOutput, HeadMaps
 from .hooks import FeatureTap, _convs, feature_channels, resolve_module, strip_captures
@@ -75,10 +79,18 @@ def _split_output(output: Any, classes: int = 1) -> tuple[Tensor, Tensor | None]
 class HeadWrapper(nn.Module):
     """A model plus a training-only head read through one forward hook; the plumbing every such wrapper shares.
 
-    Subclasses build ``self.head`` and call :meth:`_features` in ``forward``. This class owns the hook (one
-    :class:`~adst_plugin.hooks.FeatureTap`, or none when ``features`` is None), switches it with the training
-    mode, keeps the head's pending output for the loss (:meth:`_hand_over`), and leaves the model behind on
-    :meth:`export`. The ADST wrapper and the study's peer FCN head (``adst_examples.peers``) both build on it.
+    Subclasses build ``self.head`` and implement :meth:`_head_output` (the head's output for a training forward's
+    output, and its mask logits; :meth:`_features` gives the tapped features). ``forward`` returns exactly the
+    model's output and, in training mode with grad enabled, keeps the head's output with the forward's mask logits;
+    the loss takes it with :meth:`_hand_over` (given the logits it got, it checks the pairing:
+    :mod:`adst_plugin._handover`). This class owns the hook (one :class:`~adst_plugin.hooks.FeatureTap`, or none
+    when ``features`` is None), switches it with the training mode, and leaves the model behind on :meth:`export`.
+    The ADST wrapper and the study's peer heads (``adst_examples.peers``, ``adst_examples.deep_supervision``) build
+    on it.
+
+    At most one training forward's head output (and its mask logits) is kept: a later training forward replaces it
+    (warning that it was never taken), and the loss call, ``train()``, ``eval()``, ``remove_hooks()`` and a copy
+    (``copy.deepcopy``, pickling) drop it.
 
     Args:
         model: the segmentation model; returns mask logits (B, 1, H, W), or a tuple whose first item is them.
@@ -88,6 +100,8 @@ class HeadWrapper(nn.Module):
 
     #: Whether the head serves 1-class models only (checked at construction); ADSTModel serves every smp mode.
     binary_only = True
+    #: The loss class that takes the head's output, named by the warning of a forgotten loss.
+    loss_name = "ADSTLoss"
 
     def __init__(self, model: nn.Module, features: str | None, where: str):
         super().__init__()
@@ -100,7 +114,9 @@ class HeadWrapper(nn.Module):
         self.model = model
         self.features = features
         self._where = where
-        self._pending: Any = None
+        self._pending: Any = None  # the head output of the last training forward, until its loss takes it
+        self._pending_output: Tensor | None = None  # that forward's mask logits: the loss checks it got them
+        self._unclaimed = False  # a plain bool (not `_pending is not None`): a cheap guard under torch.compile
         self._tap = FeatureTap(resolve_module(model, features, where)) if features is not None else None
         if self._tap is not None:
             self._tap.capture.active = self.training
@@ -111,8 +127,9 @@ class HeadWrapper(nn.Module):
 
     def _arm(self) -> None:
         # Called at every forward, not only in train(): Lightning restores submodules' `training` flags directly.
+        # A no_grad forward (BN recalibration, an EMA or pseudo-label forward) runs no head: nothing to capture.
         if self._tap is not None:
-            self._tap.capture.active = self.training
+            self._tap.capture.active = self.training and torch.is_grad_enabled()
 
     def _features(self) -> Tensor:
         """The tapped features of the forward that just ran."""
@@ -121,15 +138,51 @@ class HeadWrapper(nn.Module):
             raise RuntimeError(f"{self._where}: {self.features!r} did not run during forward; check features=")
         return features
 
-    def _hand_over(self) -> Any:
-        pending, self._pending = self._pending, None
+    def forward(self, x: Tensor) -> Any:
+        """Exactly ``self.model(x)``; in training mode with grad enabled the head's output is also kept for the loss."""
+        self._arm()
+        try:
+            output = self.model(x)
+            if self.training and torch.is_grad_enabled():
+                # Here, not in a helper: under torch.compile a logging call in a nested function is dropped.
+                if self._unclaimed and (WARNS_WHEN_COMPILED or not torch.compiler.is_compiling()):
+                    warn_unclaimed(self._where, self.loss_name)
+                self._pending, self._pending_output = self._head_output(output)
+                self._unclaimed = True
+        finally:
+            if self._tap is not None:  # a forward that failed half-way keeps no features either
+                self._tap.pop()
+        return output
+
+    def _head_output(self, output: Any) -> tuple[Any, Tensor]:
+        """The head's output for a training forward's ``output``, and that forward's mask logits (subclasses)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _head_output(output)")
+
+    def _hand_over(self, logits: Any = None) -> Any:
+        """The kept head output, once. Given the logits the loss got, first check that they are the kept forward's
+        output (or computed from it); on a mismatch the kept output is dropped all the same, then ValueError."""
+        pending, output = self._pending, self._pending_output
+        self._drop()
+        checked = output is not None and isinstance(logits, Tensor)  # subclasses that set _pending directly: no check
+        if checked and not comes_from(logits, output):
+            raise ValueError(mismatch_message(self.loss_name, logits))
         return pending
+
+    def _drop(self) -> None:
+        self._pending, self._pending_output, self._unclaimed = None, None, False
 
     def train(self, mode: bool = True) -> HeadWrapper:
         super().train(mode)
-        self._pending = None  # the head output of an unfinished training step never reaches a later loss
+        self._drop()  # the head output of an unfinished training step never reaches a later loss
         self._arm()
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) starts with nothing kept: a kept output belongs to this wrapper's step, and
+        # deepcopy cannot copy a tensor in an autograd graph anyway.
+        state = super().__getstate__()
+        state.update(_pending=None, _pending_output=None, _unclaimed=False)
+        return state
 
     def export(self) -> nn.Module:
         """A standalone deep copy of the wrapped model, in eval mode: same class, same state-dict keys,
@@ -146,6 +199,7 @@ class HeadWrapper(nn.Module):
         """Remove the feature hook from the wrapped model (the wrapper can no longer train). Safe to repeat."""
         if self._tap is not None:
             self._tap.remove()
+        self._drop()
 
     def __enter__(self) -> HeadWrapper:
         return self
@@ -209,14 +263,9 @@ class ADSTModel(HeadWrapper):
         if self.classes > 1:
             self.head.mode = check_mode(mode, self.classes, "ADSTLoss")
 
-    def forward(self, x: Tensor) -> Any:
-        """Exactly ``self.model(x)``; in training mode the head's maps are also kept for the loss."""
-        self._arm()
-        output = self.model(x)
-        if self.training:
-            masks, _ = _split_output(output, self.classes)
-            self._pending = self._run_head(masks)
-        return output
+    def _head_output(self, output: Any) -> tuple[HeadMaps, Tensor]:
+        masks, _ = _split_output(output, self.classes)
+        return self._run_head(masks), masks
 
     def _run_head(self, masks: Tensor) -> HeadMaps:
         features = masks if self._tap is None else self._features()
@@ -227,9 +276,14 @@ class ADSTModel(HeadWrapper):
             )
         return self.head(grad_scale(features, float(self.config.feature_grad)), masks)
 
-    def pop_maps(self) -> HeadMaps | None:
-        """The head's maps from the last training-mode forward, handed over once (then forgotten)."""
-        return self._hand_over()
+    def pop_maps(self, logits: Tensor | None = None) -> HeadMaps | None:
+        """The head's maps from the last training forward, handed over once (then forgotten).
+
+        Args:
+            logits: the mask logits the loss got; if given, they must be that forward's output or computed from it
+                (else ValueError, after the maps are dropped).
+        """
+        return self._hand_over(logits)
 
     def forward_adst(self, x: Tensor) -> ADSTOutput:
         """Model and head together in either mode, e.g. to look at the maps of an eval batch."""

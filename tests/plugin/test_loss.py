@@ -155,7 +155,7 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="1 channel"):
         criterion(torch.randn(2, 2, 32, 32), mask())
     with pytest.raises(ValueError, match=r"maps .* do not match the logits"):
-        criterion(logits[:1], mask(1))
+        criterion(model(images())[:1], mask(1))  # each failed call above dropped its forward's maps
     with pytest.raises(ValueError, match="w_edge >= 0"):
         ADSTLoss(model, w_edge=-1)
     with pytest.raises(ValueError, match=r"w_fused=1\.0 needs fused_role=.mask."):
