@@ -165,10 +165,12 @@ class ADSTLoss(nn.Module):
         # First, whatever fails below: the maps of the last training forward, checked to be that of these logits.
         maps = model.pop_maps(logits if training else None) if model is not None else None
         logits = check_bchw(logits, "mask logits", "ADSTLoss", channels=self.classes or None)
+        # A training step (without a model: logits with a graph) defers the value check's read-back on CUDA.
+        in_step = training if model is not None else logits.requires_grad
         labels = self._mask_check(
             lambda: check_labels(mask, self.mode, logits.shape[1], "ADSTLoss", self.ignore_index),
             mask,
-            immediate=not training,
+            immediate=not in_step,
         )
         check_mask_matches(labels.y, logits, "ADSTLoss")
         target = labels.y.to(device=logits.device, dtype=logits.dtype)

@@ -4,9 +4,13 @@ The forgotten model is reported, a mismatched forward/loss pair raises, no-grad 
 no map outlives its step. Call orders at random: test_contract_properties.py; the mask check: test_step_checks.py.
 """
 
+import ast
 import contextlib
 import copy
+import dataclasses
 import gc
+import inspect
+import re
 import tempfile
 import warnings
 import weakref
@@ -19,6 +23,7 @@ import torch.distributed as dist
 from conftest import tiny_unet
 from torch.optim.swa_utils import update_bn
 
+import adst_plugin
 from adst_plugin import ADSTLoss, UnclaimedHeadOutputWarning, functional, wrap_with_adst
 from adst_plugin.hooks import resolve_module
 from adst_plugin.targets import adst_targets
@@ -345,3 +350,40 @@ def test_module_path_errors_name_the_callers_keyword():
         resolve_module(model, "decoder.nope", "DeepSupervisionModel", keyword="stages")
     with pytest.raises(ValueError, match=r"Pass features='<dotted\.path>' to wrap_with_adst"):
         wrap_with_adst(tiny_unet(), features="decoder.nope")
+
+
+def _message_texts():
+    """Every string literal in the package (an f-string with its fields as {}), with its file."""
+    for path in sorted(Path(adst_plugin.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                yield path.name, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                yield path.name, node.value
+
+
+def _keywords(obj) -> set[str]:
+    """The keywords a user can pass to ``obj`` (its parameters; wrap_with_adst and ADSTLoss: their overrides too)."""
+    names = set(inspect.signature(obj).parameters)
+    if obj is wrap_with_adst:
+        names |= {f.name for f in dataclasses.fields(adst_plugin.ADSTConfig)}
+    if obj is ADSTLoss:
+        names |= set(adst_plugin.loss.LOSS_FIELDS)
+    return names
+
+
+def test_every_pass_keyword_in_a_message_exists_where_the_user_is():
+    public = {name: getattr(adst_plugin, name) for name in adst_plugin.__all__}
+    callables = {name: obj for name, obj in public.items() if callable(obj) and not isinstance(obj, type(adst_plugin))}
+    warning_types = {obj for obj in callables.values() if isinstance(obj, type) and issubclass(obj, Warning)}
+    anywhere = set().union(*(_keywords(obj) for obj in callables.values() if obj not in warning_types))
+    checked = []
+    for file, text in _message_texts():
+        for match in re.finditer(r"[Pp]ass (\w+)=[^.;]*?(?: to (\w+))?(?=[ .;,)]|$)", text):
+            keyword, target = match.groups()
+            if target in callables:
+                assert keyword in _keywords(callables[target]), (file, match.group(0))
+            else:
+                assert keyword in anywhere, (file, match.group(0))
+            checked.append(keyword)
+    assert {"in_channels", "classes", "base_loss", "mode"} <= set(checked)  # the scan finds the messages

@@ -78,6 +78,21 @@ def test_after_the_first_batch_of_a_shape_a_training_step_reads_nothing_back(cpu
     assert reads[1:] == [[], [], []]
 
 
+def test_a_loss_without_a_model_defers_in_training_steps_too(cpu_as_device):
+    # The baseline (ADSTLoss() on a plain model) must not sync where the ADST arm does not.
+    torch.manual_seed(0)
+    plain, criterion = tiny_unet(), ADSTLoss()
+    reads = []
+    for step in range(3):
+        x, y = batch(step)
+        with HostReads() as recorder:
+            criterion(plain(x), y).backward()
+        reads.append(len(recorder.ops))
+    with torch.no_grad(), HostReads() as recorder:
+        criterion(plain(x), y)  # validation: every verdict read, and this mask checked at once
+    assert reads[0] == 1 and reads[1] == 0 and recorder.ops
+
+
 def test_cpu_masks_are_checked_once_per_step_with_one_read():
     torch.manual_seed(0)
     model = wrap_with_adst(tiny_unet())
