@@ -66,13 +66,16 @@ def test_after_the_first_batch_of_a_shape_a_training_step_reads_nothing_back(cpu
             recorder.paused = False
 
     monkeypatch.setattr(_step_checks._Verdict, "holds", paused_holds)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     reads = []
     for step in range(4):
         x, y = batch(step)
         targets = adst_targets(y)  # as ADSTTargetCollate builds them in the workers
         recorder.ops = []
         with recorder:
+            optimizer.zero_grad(set_to_none=True)
             criterion(model(x), y, targets=targets).backward()
+            optimizer.step()
         reads.append(recorder.ops)
     assert reads[0] == ["_local_scalar_dense"]  # the first batch of the shape: checked at once, one read
     assert reads[1:] == [[], [], []]
@@ -223,7 +226,7 @@ def test_cuda_training_step_has_no_host_sync():
     device = torch.device("cuda")
     model = wrap_with_adst(tiny_unet()).to(device)
     criterion = ADSTLoss(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     steps = []
     for seed in range(4):  # inputs and targets arrive on the device as a DataLoader with pin_memory sends them
         x, y = batch(seed)
