@@ -21,6 +21,10 @@ model, reloaded with ``smp.from_pretrained``)::
     python examples/lightning_busi.py --root ../shared/data/Dataset_BUSI_with_GT --epochs 10 --img-size 128 \\
         --out runs/lightning-busi-plain --no-adst
 
+smp's multiclass tutorial on BUSI as three classes is ``examples/lightning_busi_multiclass.py``: a subclass of
+``BUSIModel`` that changes the loss's mode and the metrics, run by this file's :func:`main`, so the same four lines
+bring ADST to it.
+
 The output folder holds ``logs/metrics.csv`` (CSV logger), ``last.ckpt`` (the Lightning checkpoint),
 ``exported/`` (a plain smp model) and ``metrics.json`` (test IoU of the exported model). See docs/recipes.md.
 """
@@ -56,11 +60,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class BUSIModel(L.LightningModule):
     """The tutorial's module; ``adst=False`` is the plain tutorial, ``adst=True`` adds the ADST head and loss.
 
+    ``mode`` is the smp mode of the Dice loss (``binary`` here; the multiclass recipe's subclass sets
+    ``multiclass``): ``ADSTLoss`` reads it from the loss.
+
     Args:
         arch, encoder_name, in_channels, out_classes, **kwargs: passed to ``smp.create_model``.
         adst: wrap the model with the ADST head and train it with ``ADSTLoss``.
         lr: Adam's learning rate; the cosine schedule runs over all training steps down to ``lr / 20``.
     """
+
+    mode: str = smp.losses.BINARY_MODE
 
     def __init__(
         self,
@@ -82,7 +91,7 @@ class BUSIModel(L.LightningModule):
         std = torch.tensor(IMAGENET_STD if in_channels == 3 else [sum(IMAGENET_STD) / 3] * in_channels)
         self.register_buffer("mean", mean.view(1, -1, 1, 1))
         self.register_buffer("std", std.view(1, -1, 1, 1))
-        self.loss_fn = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
+        self.loss_fn = smp.losses.DiceLoss(self.mode, from_logits=True)
         if adst:
             self.model = wrap_with_adst(self.model)  # ADST
             self.loss_fn = ADSTLoss(self.model, base_loss=self.loss_fn)  # ADST
@@ -200,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loaders(args: argparse.Namespace) -> tuple[dict[str, DataLoader], int]:
-    dataset = BUSIDataset(args.root, img_size=args.img_size)
+def _loaders(args: argparse.Namespace, dataset_cls: type[BUSIDataset]) -> tuple[dict[str, DataLoader], int, int]:
+    dataset = dataset_cls(args.root, img_size=args.img_size)
     split = make_split(dataset.names, seed=args.seed, labels=dataset.tags)  # stratified by class
     indices = split_indices(dataset.names, split)
     loaders = {
@@ -215,11 +224,18 @@ def _loaders(args: argparse.Namespace) -> tuple[dict[str, DataLoader], int]:
         )
         for stage in ("train", "val", "test")
     }
-    return loaders, dataset.in_channels
+    return loaders, dataset.in_channels, getattr(dataset, "num_classes", 1)
 
 
-def main(argv: Sequence[str] | None = None) -> RecipeResult:
-    parser = build_parser()
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    parser: argparse.ArgumentParser | None = None,
+    module_cls: type[BUSIModel] = BUSIModel,
+    dataset_cls: type[BUSIDataset] = BUSIDataset,
+) -> RecipeResult:
+    """Train, export and test; ``module_cls`` / ``dataset_cls`` / ``parser`` are the multiclass recipe's."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.aux_fade != "none" and not args.adst:
         parser.error("--aux-fade fades the ADST auxiliary terms; it cannot be combined with --no-adst")
@@ -227,12 +243,12 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
         parser.error(f"--img-size must be a multiple of 32, got {args.img_size}")
     out = Path(args.out)
     L.seed_everything(args.seed, workers=True, verbose=False)
-    loaders, in_channels = _loaders(args)
-    module = BUSIModel(
+    loaders, in_channels, classes = _loaders(args, dataset_cls)
+    module = module_cls(
         args.arch,
         args.encoder,
         in_channels=in_channels,
-        out_classes=1,
+        out_classes=classes,
         adst=args.adst,
         lr=args.lr,
         encoder_weights=args.encoder_weights,
@@ -260,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
     smp_model.save_pretrained(out / "exported")
 
     # Test the export as a user would load it: a plain tutorial module around smp.from_pretrained.
-    tester = BUSIModel(args.arch, args.encoder, in_channels=in_channels, adst=False, encoder_weights=None)
+    tester = module_cls(
+        args.arch, args.encoder, in_channels=in_channels, out_classes=classes, adst=False, encoder_weights=None
+    )
     tester.model = smp.from_pretrained(out / "exported")
     test_limit = {} if args.limit_batches is None else {"limit_test_batches": args.limit_batches}
     test_trainer = L.Trainer(

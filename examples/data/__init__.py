@@ -1,7 +1,9 @@
 """Lesion-segmentation data of the ADST examples: datasets by name, synthetic data, splits and augmentation.
 
 Every dataset returns ``(image, mask)`` pairs, ``float32`` ``(C, S, S)`` in ``[0, 1]`` and ``float32`` ``(1, S, S)``
-in ``{0, 1}``, and has ``names``, ``tags`` and ``in_channels``. :data:`DATASETS` is the one list of dataset names:
+in ``{0, 1}``, and has ``names``, ``tags`` and ``in_channels``; a multi-class dataset (``busi3``) returns ``int64``
+``(S, S)`` class-index masks instead and has ``num_classes`` and ``class_names`` (:func:`num_classes`).
+:data:`DATASETS` is the one list of dataset names:
 what class each builds and which folder arguments it needs; the per-dataset rules (stratify the split by tag, a
 lesion-free tag reported apart) are class attributes of the dataset classes.
 
@@ -19,8 +21,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from adst_examples.data.datasets import (
+    BUSI3_CLASSES,
     BUSI_CLASSES,
     ISIC2018_SUBSETS,
+    BUSI3Dataset,
     BUSIDataset,
     FolderDataset,
     ISIC2018Dataset,
@@ -41,12 +45,14 @@ from adst_examples.data.synthetic import SyntheticLesionDataset
 from adst_examples.data.transforms import augment_batch, random_rot90, train_transforms
 
 __all__ = [
+    "BUSI3_CLASSES",
     "BUSI_CLASSES",
     "DATASETS",
     "DATASET_NAMES",
     "IMAGE_EXTENSIONS",
     "ISIC2018_SUBSETS",
     "SPLIT_KEYS",
+    "BUSI3Dataset",
     "BUSIDataset",
     "BadPairsError",
     "DatasetEntry",
@@ -64,6 +70,7 @@ __all__ = [
     "get_or_create_split",
     "load_split",
     "make_split",
+    "num_classes",
     "random_rot90",
     "save_split",
     "split_indices",
@@ -87,6 +94,7 @@ class DatasetEntry:
 #: Every dataset name, in the order they are listed to users.
 DATASETS: dict[str, DatasetEntry] = {
     "busi": DatasetEntry(BUSIDataset, ("root",)),
+    "busi3": DatasetEntry(BUSI3Dataset, ("root",)),
     "isic2018": DatasetEntry(ISIC2018Dataset, ("root",)),
     "kvasir": DatasetEntry(KvasirSEGDataset, ("root",)),
     "folder": DatasetEntry(FolderDataset, ("images", "masks")),
@@ -94,6 +102,11 @@ DATASETS: dict[str, DatasetEntry] = {
 }
 #: The names of :data:`DATASETS` (for ``argparse`` choices).
 DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
+
+
+def num_classes(dataset: Any) -> int:
+    """The model's ``classes`` for ``dataset``: its ``num_classes`` (multi-class masks of class indices), else 1."""
+    return int(getattr(dataset, "num_classes", 1))
 
 
 def datasets_needing(argument: str) -> list[str]:
@@ -113,7 +126,8 @@ def build_dataset(
     """Build a dataset by name.
 
     Args:
-        name: A key of :data:`DATASETS` (case-insensitive): ``busi``, ``isic2018``, ``kvasir`` (need ``root``),
+        name: A key of :data:`DATASETS` (case-insensitive): ``busi``, ``busi3`` (BUSI as three classes),
+            ``isic2018``, ``kvasir`` (need ``root``),
             ``folder`` (needs ``images`` and ``masks``), ``synthetic`` (no files).
         root: Dataset root for ``busi`` / ``isic2018`` / ``kvasir``.
         images: Images folder for ``folder``.

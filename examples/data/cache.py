@@ -13,13 +13,15 @@ DataLoader workers would make the CPU the bottleneck; instead every image is dec
   256² are 51 + 197 MB and a lossless re-encode of them is no smaller than the originals;
 - otherwise (synthetic data, 16-bit files) the ``uint8`` array itself, zlib-compressed (synthetic float images
   are quantised to 8 bits, ``round(255 x)``);
-- the masks at ``S×S`` after the dataset's own decoding and resizing, as packed bits, zlib-compressed;
+- the masks at ``S×S`` after the dataset's own decoding and resizing, as packed bits, zlib-compressed; the
+  masks of a multi-class dataset (``busi3``: ``num_classes`` in the header) as ``uint8`` class indices instead;
 - names, tags, and the train/val/test indices of the seeded split (the stratified one of
   :func:`adst_examples.data.make_split`, as train.py makes it);
 - a JSON header: format version, dataset, size, channels, split seed.
 
 :func:`load_cache` decodes everything once (threads; about 2 s for BUSI + Kvasir on 16 cores) into a
-:class:`CachedData` of ``uint8`` images ``(N, C, S, S)`` and ``bool`` masks ``(N, 1, S, S)`` that
+:class:`CachedData` of ``uint8`` images ``(N, C, S, S)`` and ``bool`` masks ``(N, 1, S, S)`` (``uint8`` class
+indices ``(N, S, S)`` for a multi-class dataset) that
 ``.to(device)`` moves to the GPU (250 MB for both datasets at 256²).
 """
 
@@ -99,12 +101,22 @@ def build_cache(
     """
     n = len(dataset)
     channels = int(dataset.in_channels)
+    classes = int(getattr(dataset, "num_classes", 1))
+    mask_shape = (size, size) if classes > 1 else (1, size, size)
+
+    def stored_mask(mask: Tensor) -> np.ndarray:
+        # Binary: lesion bits. Multi-class: the class indices themselves (< 256 classes).
+        return mask.numpy().astype(np.uint8) if classes > 1 else mask.numpy()[0] > 0.5
+
     paths = list(getattr(dataset, "image_paths", [None] * n))
 
     def one(i: int) -> tuple[int, bytes, np.ndarray]:
         image, mask = dataset[i]
-        if tuple(image.shape) != (channels, size, size) or tuple(mask.shape) != (1, size, size):
-            raise ValueError(f"{name}[{i}]: expected ({channels}, {size}, {size}) images, got {tuple(image.shape)}")
+        if tuple(image.shape) != (channels, size, size) or tuple(mask.shape) != mask_shape:
+            raise ValueError(
+                f"{name}[{i}]: expected ({channels}, {size}, {size}) images and {mask_shape} masks, got "
+                f"{tuple(image.shape)} and {tuple(mask.shape)}"
+            )
         target = _to_uint8(image)
         if paths[i] is not None:
             blob = Path(paths[i]).read_bytes()
@@ -113,8 +125,8 @@ def build_cache(
             except Exception:
                 exact = False
             if exact:
-                return _FILE_BYTES, blob, mask.numpy()[0] > 0.5
-        return _RAW_ZLIB, zlib.compress(target.tobytes(), 6), mask.numpy()[0] > 0.5
+                return _FILE_BYTES, blob, stored_mask(mask)
+        return _RAW_ZLIB, zlib.compress(target.tobytes(), 6), stored_mask(mask)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         items = list(pool.map(one, range(n)))
@@ -123,13 +135,15 @@ def build_cache(
     offsets = np.zeros(n + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(b) for b in blobs])
     masks = np.stack([m for _, _, m in items])
-    packed = zlib.compress(np.packbits(masks, axis=None).tobytes(), 9)
+    packed = zlib.compress((masks if classes > 1 else np.packbits(masks, axis=None)).tobytes(), 9)
     header = {
         "version": CACHE_VERSION,
         "dataset": name,
         "size": size,
         "channels": channels,
         "n": n,
+        "num_classes": classes,
+        "class_names": [str(c) for c in getattr(dataset, "class_names", ())],
         "names": [str(s) for s in dataset.names],
         "tags": [None if t is None else str(t) for t in getattr(dataset, "tags", [None] * n)],
         "split": {key: [int(i) for i in split[key]] for key in SPLIT_KEYS},
@@ -154,7 +168,10 @@ def build_cache(
 
 @dataclass
 class CachedData:
-    """A decoded cache: ``uint8`` images ``(N, C, S, S)``, ``bool`` masks ``(N, 1, S, S)``, names, tags, split."""
+    """A decoded cache: ``uint8`` images ``(N, C, S, S)``, masks, names, tags, split.
+
+    Masks are ``bool`` ``(N, 1, S, S)``, or ``uint8`` class indices ``(N, S, S)`` when ``num_classes > 1``.
+    """
 
     name: str
     images: Tensor
@@ -168,6 +185,16 @@ class CachedData:
     def in_channels(self) -> int:
         """Image channels."""
         return int(self.images.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        """The model's ``classes``: 1 (binary masks) or the number of classes of the class-index masks."""
+        return int(self.header.get("num_classes", 1))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Every class by index (background first) of a multi-class cache; ``()`` for a binary one."""
+        return tuple(self.header.get("class_names", ())) if self.num_classes > 1 else ()
 
     @property
     def size(self) -> int:
@@ -209,8 +236,11 @@ def load_cache(path: str | Path, *, threads: int = 8) -> CachedData:
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         images = np.stack(list(pool.map(one, range(n)))) if n else np.zeros((0, c, s, s), np.uint8)
-    bits = np.unpackbits(np.frombuffer(zlib.decompress(packed.tobytes()), dtype=np.uint8), count=n * s * s)
-    masks = bits.reshape(n, 1, s, s).astype(bool)
+    stored = np.frombuffer(zlib.decompress(packed.tobytes()), dtype=np.uint8)
+    if header.get("num_classes", 1) > 1:
+        masks = stored.reshape(n, s, s).copy()
+    else:
+        masks = np.unpackbits(stored, count=n * s * s).reshape(n, 1, s, s).astype(bool)
     split = {key: torch.tensor(header["split"][key], dtype=torch.long) for key in SPLIT_KEYS}
     return CachedData(
         header["dataset"],

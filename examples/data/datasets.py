@@ -15,14 +15,28 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import Tensor
+
 from adst_examples.data.decode import IMAGE_EXTENSIONS, is_image_file
 from adst_examples.data.paired import PairedLesionDataset, SamplePair, _Problem, _require_dir, _resolve_root
 from adst_examples.data.splits import SPLIT_KEYS, natural_key
 
-__all__ = ["BUSI_CLASSES", "ISIC2018_SUBSETS", "BUSIDataset", "FolderDataset", "ISIC2018Dataset", "KvasirSEGDataset"]
+__all__ = [
+    "BUSI3_CLASSES",
+    "BUSI_CLASSES",
+    "ISIC2018_SUBSETS",
+    "BUSI3Dataset",
+    "BUSIDataset",
+    "FolderDataset",
+    "ISIC2018Dataset",
+    "KvasirSEGDataset",
+]
 
 #: BUSI class folders, in the order of the official release.
 BUSI_CLASSES: tuple[str, ...] = ("benign", "malignant", "normal")
+
+#: The classes of :class:`BUSI3Dataset`, by index: ``normal`` images are all background.
+BUSI3_CLASSES: tuple[str, ...] = ("background", "benign", "malignant")
 
 #: ISIC 2018 Task 1 subsets: ``subset -> (input folder, ground-truth folder)``.
 ISIC2018_SUBSETS: dict[str, tuple[str, str]] = {
@@ -113,6 +127,30 @@ class BUSIDataset(PairedLesionDataset):
     def classes(self) -> list[str | None]:
         """Class (``benign``/``malignant``/``normal``) of each sample."""
         return self.tags
+
+
+class BUSI3Dataset(BUSIDataset):
+    """BUSI as three classes (smp's ``multiclass`` mode): each mask holds the class index of every pixel.
+
+    The pairs, validation and splits are :class:`BUSIDataset`'s; only the mask differs: ``int64`` ``(S, S)`` with
+    0 = background, 1 = benign, 2 = malignant (:data:`BUSI3_CLASSES`), the lesion pixels of a ``benign`` image
+    being 1, of a ``malignant`` image 2; ``normal`` images are all background. The lesion pixels are those of the
+    binary mask (union of the ``_mask*`` files, resized as 0/1 and re-thresholded), so no other value appears.
+
+    Attributes:
+        num_classes: 3, the model's ``classes``.
+        class_names: :data:`BUSI3_CLASSES`.
+    """
+
+    num_classes = len(BUSI3_CLASSES)
+    class_names = BUSI3_CLASSES
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        """``(image, mask)``: ``float32`` ``(1, S, S)`` in ``[0, 1]`` and ``int64`` ``(S, S)`` class indices."""
+        image, lesion = super().__getitem__(index)
+        tag = self.tags[index]
+        label = BUSI3_CLASSES.index(tag) if tag in BUSI3_CLASSES else 0  # normal: background only
+        return image, (lesion[0] > 0.5).long() * label
 
 
 def _pair_by_stem(

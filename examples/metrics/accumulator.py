@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adst_examples.metrics.classes import class_metric_names, per_class_dice
 from adst_examples.metrics.lesions import SmallLesionCounts, small_lesion_counts
 from adst_examples.metrics.pixels import METRIC_NAMES, binarize, per_image_metrics
 from adst_examples.stats import MeanStd
@@ -34,7 +35,12 @@ class MetricAccumulator:
     """
 
     def __init__(
-        self, metrics: Sequence[str] = METRIC_NAMES, *, threshold: float = 0.5, small_lesions: bool = True
+        self,
+        metrics: Sequence[str] = METRIC_NAMES,
+        *,
+        threshold: float = 0.5,
+        small_lesions: bool = True,
+        class_names: Sequence[str] = (),
     ) -> None:
         """Create an empty accumulator.
 
@@ -42,6 +48,9 @@ class MetricAccumulator:
             metrics: Per-image metrics to collect (subset of :data:`METRIC_NAMES`).
             threshold: Probability threshold used by :meth:`update` for floating predictions.
             small_lesions: Also count small lesions per image, for :meth:`pooled`.
+            class_names: Of a multi-class task, every class by index (background first): :meth:`update` then also
+                takes the class-index maps and collects the per-class Dice
+                (:func:`~adst_examples.metrics.classes.class_metric_names`); ``()``: binary.
         """
         unknown = [m for m in metrics if m not in METRIC_NAMES]
         if unknown or not metrics:
@@ -49,6 +58,10 @@ class MetricAccumulator:
         self.metrics: tuple[str, ...] = tuple(metrics)
         self.threshold = threshold
         self.small_lesions = small_lesions
+        self.class_names: tuple[str, ...] = tuple(class_names)
+        self.class_metrics: tuple[str, ...] = class_metric_names(class_names) if class_names else ()
+        #: Every collected column: the metrics, then the per-class Dice.
+        self.columns: tuple[str, ...] = self.metrics + self.class_metrics
         self.reset()
 
     def __len__(self) -> int:
@@ -57,7 +70,7 @@ class MetricAccumulator:
 
     def reset(self) -> None:
         """Forget every collected value."""
-        self.values: dict[str, list[float]] = {m: [] for m in self.metrics}
+        self.values: dict[str, list[float]] = {m: [] for m in self.columns}
         self.small: list[list[int]] = []
         self.tags: list[str | None] = []
         self.names: list[str | None] = []
@@ -68,13 +81,25 @@ class MetricAccumulator:
         target: Tensor | np.ndarray,
         tags: Sequence[str | None] | None = None,
         names: Sequence[str | None] | None = None,
+        *,
+        class_pred: Tensor | None = None,
+        class_target: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the metrics of a ``(B, 1, H, W)`` batch and append them (``pred``: probabilities or bool).
 
+        A multi-class accumulator (``class_names``) also needs ``class_pred`` and ``class_target``, the ``(B, H, W)``
+        class indices; ``pred`` and ``target`` are then their "any lesion" masks (class > 0).
+
         Returns:
-            The batch's per-image values (as from :func:`per_image_metrics`).
+            The batch's per-image values (as from :func:`per_image_metrics`, plus the per-class Dice).
         """
         batch = per_image_metrics(pred, target, threshold=self.threshold, metrics=self.metrics)
+        if self.class_metrics:
+            if class_pred is None or class_target is None:
+                raise ValueError("update: a multi-class accumulator (class_names) needs class_pred= and class_target=")
+            dice = per_class_dice(class_pred, class_target, len(self.class_names)).cpu()
+            batch |= dict(zip(self.class_metrics[:-1], dice.unbind(1), strict=True))
+            batch[self.class_metrics[-1]] = dice.mean(1)
         small = None
         if self.small_lesions:
             p = binarize(pred, self.threshold, name="pred")[:, 0].cpu().numpy()
@@ -91,10 +116,10 @@ class MetricAccumulator:
         small: Sequence[Sequence[int]] | None = None,
     ) -> None:
         """Append precomputed per-image values (one sequence of equal length per collected metric)."""
-        missing = [m for m in self.metrics if m not in values]
+        missing = [m for m in self.columns if m not in values]
         if missing:
             raise ValueError(f"add: values lack metrics {missing}")
-        columns = {m: [float(v) for v in _as_list(values[m])] for m in self.metrics}
+        columns = {m: [float(v) for v in _as_list(values[m])] for m in self.columns}
         count = len(columns[self.metrics[0]])
         if any(len(col) != count for col in columns.values()):
             raise ValueError(f"add: metric lists have different lengths {[len(c) for c in columns.values()]}")
@@ -106,7 +131,7 @@ class MetricAccumulator:
             if small is None or len(small) != count:
                 raise ValueError(f"add: {count} images need {count} small-lesion counts (small_lesions=True)")
             self.small.extend([int(c) for c in row] for row in small)
-        for m in self.metrics:
+        for m in self.columns:
             self.values[m].extend(columns[m])
         self.tags.extend(tag_list)
         self.names.extend(name_list)
@@ -129,7 +154,7 @@ class MetricAccumulator:
         Returns:
             ``{metric: MeanStd}``; with no images left the mean and std are ``nan``.
         """
-        return {m: MeanStd.of(self.per_image(m, exclude), ddof=ddof) for m in self.metrics}
+        return {m: MeanStd.of(self.per_image(m, exclude), ddof=ddof) for m in self.columns}
 
     def pooled(self, exclude: Iterable[str | None] | None = None) -> dict[str, float]:
         """Small-lesion ``small_recall`` and ``small_dice`` pooled over the kept images, and ``small_lesions``."""
@@ -157,6 +182,7 @@ class MetricAccumulator:
         """Plain-Python copy of the collected values (picklable; for ``all_gather_object``)."""
         return {
             "metrics": list(self.metrics),
+            "class_names": list(self.class_names),
             "values": {m: list(v) for m, v in self.values.items()},
             "small": [list(row) for row in self.small] if self.small_lesions else None,
             "tags": list(self.tags),
@@ -168,12 +194,19 @@ class MetricAccumulator:
         state = other.state() if isinstance(other, MetricAccumulator) else other
         if list(state["metrics"]) != list(self.metrics):
             raise ValueError(f"merge: metrics differ: {list(state['metrics'])} vs {list(self.metrics)}")
+        if list(state.get("class_names", ())) != list(self.class_names):
+            raise ValueError(f"merge: classes differ: {list(state.get('class_names', ()))} vs {list(self.class_names)}")
         self.add(state["values"], tags=state["tags"], names=state["names"], small=state.get("small"))
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], *, threshold: float = 0.5) -> MetricAccumulator:
         """Rebuild an accumulator from :meth:`state`."""
-        acc = cls(state["metrics"], threshold=threshold, small_lesions=state.get("small") is not None)
+        acc = cls(
+            state["metrics"],
+            threshold=threshold,
+            small_lesions=state.get("small") is not None,
+            class_names=state.get("class_names", ()),
+        )
         acc.merge(state)
         return acc
 
@@ -204,7 +237,9 @@ class MetricAccumulator:
             return MetricAccumulator.from_state(self.state(), threshold=self.threshold)
         states: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(states, self.state())
-        merged = MetricAccumulator(self.metrics, threshold=self.threshold, small_lesions=self.small_lesions)
+        merged = MetricAccumulator(
+            self.metrics, threshold=self.threshold, small_lesions=self.small_lesions, class_names=self.class_names
+        )
         for state in states:
             merged.merge(state)
         return merged

@@ -18,8 +18,13 @@ from adst_examples.studylib.config import UsageError
 
 __all__ = ["DATA_DIRS", "FolderSpec", "dataset_source", "parse_folders", "prepare_caches"]
 
-#: The named datasets: name → folder under ``--data-root``.
-DATA_DIRS = {"busi": "Dataset_BUSI_with_GT", "kvasir": "Kvasir-SEG", "isic2018": "ISIC2018"}
+#: The named datasets: name → folder under ``--data-root`` (``busi3``: BUSI as three classes, benign/malignant).
+DATA_DIRS = {
+    "busi": "Dataset_BUSI_with_GT",
+    "busi3": "Dataset_BUSI_with_GT",
+    "kvasir": "Kvasir-SEG",
+    "isic2018": "ISIC2018",
+}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

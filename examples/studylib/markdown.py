@@ -10,7 +10,7 @@ from adst_examples.studylib.report import CONVERGENCE_WINDOW, RULE
 
 __all__ = ["format_markdown"]
 
-_POINTS = {"dice", "iou", "boundary_iou", "small_recall", "small_dice"}  # shown ×100 (points)
+_POINTS = {"dice", "iou", "boundary_iou", "small_recall", "small_dice"}  # shown ×100 (points); so is dice_<class>
 
 
 def _share(value: float | None) -> str:
@@ -109,6 +109,27 @@ def _choice(choice: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _class_table(entry: dict[str, Any]) -> list[str]:
+    """Multi-class datasets: per-class test Dice per arm, and the paired differences (val and test)."""
+    columns = entry.get("class_metrics") or []
+    if not columns:
+        return []
+    heads = [c.removeprefix("dice_").replace("class_mean", "mean of lesion classes") for c in columns]
+    lines = ["", "| arm | " + " | ".join(f"test Dice {h}" for h in heads) + " |", "|---" * (1 + len(heads)) + "|"]
+    for arm, a in entry["arms"].items():
+        lines.append(f"| {arm} | " + " | ".join(_ms(a["test"][c], "dice") for c in columns) + " |")
+    lines += [
+        "",
+        "| arm vs baseline | " + " | ".join(f"Δ val Dice {h} | Δ test Dice {h}" for h in heads) + " |",
+        "|---" * (1 + 2 * len(heads)) + "|",
+    ]
+    for arm, a in entry["arms"].items():
+        if arm != BASELINE:
+            cells = [f"{_pd(a['paired_val'][c], 'dice')} | {_pd(a['paired'][c], 'dice')}" for c in columns]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def format_markdown(report: dict[str, Any], title: str = "ADST study") -> str:
     """study.md: per dataset, the metrics table, the paired table and the choice made on validation."""
     lines = [f"# {title}", ""]
@@ -138,6 +159,7 @@ def format_markdown(report: dict[str, Any], title: str = "ADST study") -> str:
                 "",
             ]
         lines += _tables(entry)
+        lines += _class_table(entry)
         lines += _choice(entry.get("choice", {}))
         lines.append("")
     if report.get("failed"):

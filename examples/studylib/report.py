@@ -22,6 +22,7 @@ __all__ = [
     "RULE",
     "build_report",
     "choose_default",
+    "class_metrics",
 ]
 
 #: Reported metrics; HD95 is a distance (lower is better), the others are overlaps/rates (higher is better).
@@ -56,14 +57,22 @@ def _convergence(runs: Iterable[dict[str, Any]], last: int = CONVERGENCE_WINDOW)
     return {"best_at_last": stats.mean_std(at_last)["mean"], "best_gain_last": stats.mean_std(gains), "last": last}
 
 
+def class_metrics(results: Iterable[dict[str, Any]]) -> tuple[str, ...]:
+    """The per-class Dice columns of multi-class runs (``dice_<class>`` ..., ``dice_class_mean``), in their order;
+    ``()`` for binary ones."""
+    for r in results:
+        return tuple(m for m in r["test"] if m.startswith("dice_"))
+    return ()
+
+
 def _arm_entry(runs: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]], flags: str, base_step: float,
-               is_baseline: bool) -> dict[str, Any]:  # fmt: skip
+               is_baseline: bool, metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:  # fmt: skip
     a: dict[str, Any] = {
         "flags": flags,
         "seeds": sorted(runs),
         "n_runs": len(runs),
-        "test": {m: stats.mean_std([r["test"].get(m) for r in runs.values()]) for m in METRICS},
-        "val": {m: stats.mean_std([r["val"].get(m) for r in runs.values()]) for m in METRICS},
+        "test": {m: stats.mean_std([r["test"].get(m) for r in runs.values()]) for m in metrics},
+        "val": {m: stats.mean_std([r["val"].get(m) for r in runs.values()]) for m in metrics},
         "best_epoch": stats.mean_std([r["best_epoch"] for r in runs.values()]),
         "epochs_run": stats.mean_std([r.get("epochs_run", r["epochs"]) for r in runs.values()]),
         "s_per_step": stats.mean_std([r["timing"]["s_per_step"] for r in runs.values()]),
@@ -78,7 +87,7 @@ def _arm_entry(runs: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]],
                 m: stats.paired(
                     _per_seed(runs, split, m), _per_seed(base, split, m), higher_is_better=m not in LOWER_IS_BETTER
                 )
-                for m in METRICS
+                for m in metrics
             }
     return a
 
@@ -143,8 +152,13 @@ def build_report(
                 by_arm[job.arm][job.seed] = res
         base = by_arm.get(BASELINE, {})
         base_step = stats.mean_std([r["timing"]["s_per_step"] for r in base.values()])["mean"]
+        per_class = class_metrics(r for j, r in results.items() if j.dataset == name)
+        metrics = METRICS + per_class
         entry: dict[str, Any] = {
-            "arms": {a: _arm_entry(by_arm[a], base, arm_flags.get(a, ""), base_step, a == BASELINE) for a in arms}
+            "arms": {
+                a: _arm_entry(by_arm[a], base, arm_flags.get(a, ""), base_step, a == BASELINE, metrics) for a in arms
+            },
+            "class_metrics": list(per_class),
         }
         entry["choice"] = choose_default(entry["arms"], by_arm)
         sample = next((r for j, r in results.items() if j.dataset == name), None)

@@ -22,7 +22,7 @@ from adst_examples.training.batches import cached_eval_batches, cached_train_bat
 from adst_examples.training.checkpoints import seed_everything
 from adst_examples.training.distributed import resolve_amp
 from adst_examples.training.engine import Optimisation, default_lr, steps_per_epoch, train_epoch
-from adst_examples.training.evaluation import VALIDATION_METRICS, evaluate
+from adst_examples.training.evaluation import VALIDATION_METRICS, evaluate, selection_metric
 from adst_examples.training.models import build_criterion, build_model, export_model
 
 __all__ = ["build_run", "train_run"]
@@ -34,8 +34,8 @@ def build_run(
     """The seeded model, its loss, the optimisation over the run's steps, and the steps per epoch."""
     args = argparse.Namespace(**cfg.model_args[job.arm])
     seed_everything(job.seed)  # the initialisation depends on the seed alone, as in train.py
-    model = build_model(args, data.in_channels).to(device)
-    criterion = build_criterion(args, model).to(device)
+    model = build_model(args, data.in_channels, data.num_classes).to(device)
+    criterion = build_criterion(args, model, data.num_classes).to(device)
     steps = steps_per_epoch(len(data.split["train"]), cfg.batch_size, cfg.max_steps)
     lr = cfg.lr if cfg.lr is not None else default_lr(job.dataset)
     opt = Optimisation.build(
@@ -49,7 +49,7 @@ def _split_metrics(model: nn.Module, data: CachedData, key: str, cfg: StudyConfi
                    device: torch.device, **kwargs: Any) -> Any:  # fmt: skip
     acc, _ = evaluate(
         model, cached_eval_batches(data, key, cfg.batch_size), device=device, amp_dtype=opt.amp_dtype,
-        names=data.names, tags=data.tags, **kwargs,
+        names=data.names, tags=data.tags, class_names=data.class_names, **kwargs,
     )  # fmt: skip
     return acc
 
@@ -82,8 +82,9 @@ def train_run(
         }
         val = _split_metrics(model, data, "val", cfg, opt, device, metrics=VALIDATION_METRICS, small_lesions=False)
         summary = val.summary()
-        if summary["dice"].mean > best_score:
-            best_score, best_epoch = summary["dice"].mean, epoch
+        score = summary[selection_metric(summary)].mean
+        if score > best_score:
+            best_score, best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         row |= {"loss": row["train_total"], "val_dice": summary["dice"].mean, "val_iou": summary["iou"].mean}
         history.append(row | {"time_s": time.perf_counter() - t0})

@@ -122,7 +122,7 @@ def cached_train_batches(
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, 1))
     for step in range(steps):
         sel = order[step * batch_size : (step + 1) * batch_size]
-        x, m = data.images[sel].float() / 255.0, data.masks[sel].float()
+        x, m = data.images[sel].float() / 255.0, _masks(data, sel)
         if transform is not None:
             x, m = augment_batch(transform, x, m, generator)
         yield Batch(x.contiguous(), m.contiguous())
@@ -133,4 +133,11 @@ def cached_eval_batches(data: CachedData, key: str, batch_size: int) -> Iterator
     idx = data.split[key]
     for start in range(0, len(idx), batch_size):
         sel = idx[start : start + batch_size]
-        yield sel.tolist(), data.images[sel].float() / 255.0, data.masks[sel].float()
+        yield sel.tolist(), data.images[sel].float() / 255.0, _masks(data, sel)
+
+
+def _masks(data: CachedData, sel: Tensor) -> Tensor:
+    """The masks of ``sel`` as the loss takes them: ``float`` ``(B, 1, S, S)``, or ``int64`` class indices
+    ``(B, S, S)`` for a multi-class cache."""
+    masks = data.masks[sel]
+    return masks.long() if data.num_classes > 1 else masks.float()

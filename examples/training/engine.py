@@ -33,6 +33,7 @@ __all__ = [
     "default_lr",
     "fade_factor",
     "hard_predictions",
+    "lesion_masks",
     "steps_per_epoch",
     "train_epoch",
     "train_step",
@@ -71,9 +72,9 @@ def fade_factor(mode: str, epoch: int, epochs: int) -> float:
 class Batch:
     """One training batch on the device.
 
-    ``masks`` are whatever the criterion takes: ``(B, 1, H, W)`` in ``{0, 1}`` for the binary mode (a multi-class
-    mode would pass class indices); ``targets`` are the ADST ``(core, border)`` built in the DataLoader workers, or
-    ``None`` (the loss builds them itself).
+    ``masks`` are whatever the criterion takes: ``(B, 1, H, W)`` in ``{0, 1}`` for the binary mode, ``(B, H, W)``
+    ``int64`` class indices for the multiclass mode; ``targets`` are the ADST ``(core, border)`` built in the
+    DataLoader workers, or ``None`` (the loss builds them itself).
     """
 
     images: Tensor
@@ -114,8 +115,17 @@ class Optimisation:
 
 
 def hard_predictions(logits: Tensor, mode: str = "binary") -> Tensor:
-    """The predicted mask of the logits: ``logits >= 0`` (binary, multilabel) or the argmax class (multiclass)."""
-    return logits.argmax(1, keepdim=True) if mode == "multiclass" else logits >= 0
+    """The predicted mask of the logits: ``logits >= 0`` (binary, multilabel) or the argmax class ``(B, H, W)``
+    (multiclass)."""
+    return logits.argmax(1) if mode == "multiclass" else logits >= 0
+
+
+def lesion_masks(logits: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Predicted and true "any lesion" masks ``(B, 1, H, W)`` (bool): ``logits >= 0`` and ``masks > 0.5`` for one
+    channel; for C > 1 channels (multiclass) the argmax class > 0 and the class index > 0."""
+    if logits.shape[1] == 1:
+        return logits >= 0, masks > 0.5
+    return (logits.argmax(1, keepdim=True) > 0), masks.reshape(logits.shape[0], 1, *logits.shape[2:]) > 0
 
 
 def train_step(
@@ -147,7 +157,6 @@ def train_epoch(
     steps: int,
     device: torch.device,
     aux_scale: float = 1.0,
-    mode: str = "binary",
     reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
     desc: str = "train",
     progress: bool = False,
@@ -161,7 +170,8 @@ def train_epoch(
         reduce: Averages the means over DDP ranks (``DistContext.all_reduce_mean``); ``None``: one process.
     Returns:
         ``{"train_<term>": mean}`` for every term in ``criterion.last_terms`` (``total`` among them), ``train_dice``
-        (hard Dice per image by smp.metrics, empty/empty = 1) and ``train_s`` (seconds, device synchronised).
+        (hard Dice per image by smp.metrics, empty/empty = 1; of "any lesion" for multi-class logits) and
+        ``train_s`` (seconds, device synchronised).
     Raises:
         FloatingPointError: the mean loss is not finite.
     """
@@ -175,7 +185,8 @@ def train_epoch(
         if done >= steps:
             break
         loss, logits = train_step(model, criterion, opt, batch)
-        tp, fp, fn, tn = smp.metrics.get_stats(hard_predictions(logits, mode).long(), batch.masks.long(), mode=mode)
+        pred, truth = lesion_masks(logits, batch.masks)
+        tp, fp, fn, tn = smp.metrics.get_stats(pred.long(), truth.long(), mode="binary")
         dice = smp.metrics.f1_score(tp, fp, fn, tn, reduction="micro-imagewise", zero_division=1.0)
         terms = getattr(criterion, "last_terms", None) or {"total": loss}
         # Summed on the device: no host sync per step unless a progress bar shows them.

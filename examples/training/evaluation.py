@@ -2,30 +2,38 @@
 
 Used for the per-epoch validation and for the final validation/test of the exported model, by train.py (DataLoader
 batches) and by the study (its on-device cache). A pixel is lesion when its logit is ``>= 0`` (probability
-``>= 0.5``), the rule of ``smp.metrics``.
+``>= 0.5``), the rule of ``smp.metrics``. For a multi-class model (C > 1 logits, ``class_names`` given) a pixel's
+class is the argmax; the binary metrics are those of "any lesion" (class > 0), and the per-class Dice is added
+(:mod:`adst_examples.metrics.classes`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from adst_examples.metrics import METRIC_NAMES, MetricAccumulator
+from adst_examples.metrics import CLASS_MEAN, METRIC_NAMES, MetricAccumulator
 from adst_examples.training.batches import EvalBatch
 from adst_examples.training.distributed import DistContext, autocast
-from adst_examples.training.engine import hard_predictions
+from adst_examples.training.engine import lesion_masks
 from adst_plugin import ADSTModel
 from adst_plugin.functional import mask_logits
 
-__all__ = ["VALIDATION_METRICS", "evaluate", "head_maps", "loader_eval_batches"]
+__all__ = ["VALIDATION_METRICS", "evaluate", "head_maps", "loader_eval_batches", "selection_metric"]
 
 #: What the per-epoch validation computes (cheap; the best epoch is chosen by its Dice).
 VALIDATION_METRICS: tuple[str, ...] = ("dice", "iou")
+
+
+def selection_metric(summary: Mapping[str, Any]) -> str:
+    """What picks the best epoch: the mean Dice of the lesion classes (multi-class), else the Dice."""
+    return CLASS_MEAN if CLASS_MEAN in summary else "dice"
 
 
 def loader_eval_batches(loader: DataLoader) -> Iterable[EvalBatch]:
@@ -45,6 +53,7 @@ def evaluate(
     tags: Sequence[str | None],
     metrics: Sequence[str] = METRIC_NAMES,
     small_lesions: bool = True,
+    class_names: Sequence[str] = (),
     criterion: nn.Module | None = None,
     ctx: DistContext | None = None,
     desc: str = "eval",
@@ -55,13 +64,15 @@ def evaluate(
     Args:
         batches: ``(indices, images, masks)``; ``indices`` index ``names`` and ``tags``.
         names, tags: Of the images ``indices`` refer to (names identify images across DDP ranks).
+        class_names: Of a multi-class model, every class by index (background first); its masks are ``(B, H, W)``
+            class indices.
         criterion: If given, also the mean loss (the plain mask loss outside training mode).
         ctx: Under DDP, every rank's images are gathered and duplicates (padding) dropped.
     Returns:
         The accumulator (identical on every rank) and the mean loss (``nan`` without ``criterion``).
     """
     model.eval()
-    acc = MetricAccumulator(metrics, small_lesions=small_lesions)
+    acc = MetricAccumulator(metrics, small_lesions=small_lesions, class_names=class_names)
     loss_sum, count = 0.0, 0
     for ids, images, masks in tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         ids = list(ids)
@@ -71,9 +82,14 @@ def evaluate(
         if criterion is not None:
             loss_sum += criterion(logits, masks.to(device)).item() * len(ids)
             count += len(ids)
-        acc.update(
-            hard_predictions(logits).cpu(), masks.cpu(), tags=[tags[i] for i in ids], names=[names[i] for i in ids]
-        )
+        if (logits.shape[1] > 1) != bool(class_names):
+            raise ValueError(
+                f"evaluate: expected {'a multi-class' if class_names else 'a 1-channel'} model for class_names="
+                f"{list(class_names)}, got {logits.shape[1]} output channels"
+            )
+        pred, truth = lesion_masks(logits.cpu(), masks.cpu())
+        classes = {"class_pred": logits.argmax(1).cpu(), "class_target": masks.cpu()} if class_names else {}
+        acc.update(pred, truth, tags=[tags[i] for i in ids], names=[names[i] for i in ids], **classes)
     if ctx is None:
         return acc, loss_sum / count if count else math.nan
     gathered = acc.gather()
@@ -84,7 +100,8 @@ def evaluate(
 
 @torch.no_grad()
 def head_maps(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
-    """The ADST head's ``main``, ``edge`` and ``fused`` probability maps of ``images`` (none for a plain model)."""
+    """The ADST head's ``main``, ``edge`` and ``fused`` probability maps of ``images`` (none for a plain model), one
+    channel per class (a multi-class model's background channel carries no target)."""
     if not isinstance(model, ADSTModel):
         return {}
     maps = model.eval().forward_adst(images).maps

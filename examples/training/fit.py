@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 import adst_plugin
-from adst_examples.metrics import METRIC_NAMES, MetricAccumulator
+from adst_examples.metrics import MetricAccumulator
 from adst_examples.stats import MeanStd
 from adst_examples.training.batches import EpochSampler, epoch_seed, loader_batches
 from adst_examples.training.checkpoints import (
@@ -32,7 +32,13 @@ from adst_examples.training.checkpoints import (
 )
 from adst_examples.training.distributed import DistContext, describe_device
 from adst_examples.training.engine import fade_factor, train_epoch
-from adst_examples.training.evaluation import VALIDATION_METRICS, evaluate, head_maps, loader_eval_batches
+from adst_examples.training.evaluation import (
+    VALIDATION_METRICS,
+    evaluate,
+    head_maps,
+    loader_eval_batches,
+    selection_metric,
+)
 from adst_examples.training.models import count_params, export_model
 from adst_examples.training.parts import RunParts, TrainState, build_parts, restore
 from adst_examples.training.plots import OverlayRow, plot_curves, plot_overlays
@@ -55,7 +61,7 @@ def _evaluate(s: RunParts, model: nn.Module, split: str, **kwargs: Any) -> tuple
     data = s.data.val if split == "val" else s.data.test
     return evaluate(
         model, loader_eval_batches(loader), device=s.ctx.device, amp_dtype=s.opt.amp_dtype, names=data.names,
-        tags=data.tags, ctx=s.ctx, desc=split, progress=s.progress, **kwargs,
+        tags=data.tags, class_names=s.data.class_names, ctx=s.ctx, desc=split, progress=s.progress, **kwargs,
     )  # fmt: skip
 
 
@@ -75,9 +81,10 @@ def run_epoch(s: RunParts, state: TrainState, epoch: int) -> tuple[dict[str, Any
     )  # fmt: skip
     val, val_loss = _evaluate(s, s.model, "val", metrics=VALIDATION_METRICS, small_lesions=False, criterion=s.criterion)
     summary = val.summary()
-    is_best = state.best_epoch == 0 or summary["dice"].mean > state.best_score
+    score = summary[selection_metric(summary)].mean
+    is_best = state.best_epoch == 0 or score > state.best_score
     if is_best:
-        state.best_score, state.best_epoch = summary["dice"].mean, epoch
+        state.best_score, state.best_epoch = score, epoch
     row |= {
         "lr": s.opt.scheduler.get_last_lr()[0],
         "aux_scale": aux_scale if s.adst else None,
@@ -146,8 +153,12 @@ def _overlays(s: RunParts, exported: nn.Module, test: MetricAccumulator) -> None
         for i in picks:
             _, image, mask = s.data.test[i]
             batch = image[None].to(s.ctx.device)
-            prob = exported(batch).float().sigmoid()[0, 0].cpu().numpy()
-            maps = {key: value[0, 0].cpu().numpy() for key, value in head_maps(s.model, batch).items()}
+            logits = exported(batch).float()
+            # Lesion probability: the sigmoid, or 1 - P(background) of a multi-class model.
+            prob = (logits.sigmoid()[0, 0] if logits.shape[1] == 1 else 1 - logits.softmax(1)[0, 0]).cpu().numpy()
+            # The ADST maps of the last class (the only one of a binary model).
+            maps = {key: value[0, -1].cpu().numpy() for key, value in head_maps(s.model, batch).items()}
+            mask = (mask > 0).reshape(1, *image.shape[-2:]).float()  # any lesion
             img = image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image[0].numpy()
             name = s.data.test.names[i]
             row = OverlayRow(name, img, mask[0].numpy(), prob, dice.get(name, math.nan), maps)
@@ -173,7 +184,7 @@ def final_test(s: RunParts, state: TrainState, timing: dict[str, float], t_start
     order = {name: i for i, name in enumerate(s.data.test.names)}
     keep = sorted(range(len(test)), key=lambda i: order[test.names[i]])  # split order, whatever the ranks did
     per_image: dict[str, list[Any]] = {"name": [test.names[i] for i in keep], "tag": [test.tags[i] for i in keep]}
-    per_image |= {m: [test.values[m][i] for i in keep] for m in METRIC_NAMES}
+    per_image |= {m: [test.values[m][i] for i in keep] for m in test.columns}
     best = load_checkpoint(s.run_dir / "best.pt")
     lesion_free = s.data.lesion_free_tag
     timed = state.history[1:] if len(state.history) > 1 else state.history  # epoch 1 holds the warm-up

@@ -19,7 +19,16 @@ from torch import nn
 
 from adst_examples.deep_supervision import DeepSupervisionLoss, DeepSupervisionModel
 from adst_examples.peers import AuxFCNLoss, AuxFCNModel, add_peer_arguments, build_loss
-from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTConfig, ADSTLoss, ADSTModel, get_config, wrap_with_adst
+from adst_plugin import (
+    DEFAULT_PRESET,
+    PRESETS,
+    ADSTConfig,
+    ADSTLoss,
+    ADSTModel,
+    DiceCELoss,
+    get_config,
+    wrap_with_adst,
+)
 from adst_plugin.presets import EDGE_INPUTS, FUSED_ROLES, HEAD_INPUTS, MAIN_TARGETS, THRESHOLD_TARGETS
 
 __all__ = [
@@ -122,11 +131,28 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
 
 
-def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
-    """The binary smp model, wrapped with the ADST head unless ``--no-adst`` (or with the peer head, ``--aux-fcn``)."""
+def _check_classes(args: argparse.Namespace, classes: int) -> None:
+    """Multi-class data train the ADST head or the plain model with Dice + CE; the peers are binary only."""
+    if classes == 1:
+        return
+    peers = {"--loss": args.loss != "dice+bce", "--aux-fcn": args.aux_fcn > 0}
+    peers["--deep-supervision"] = args.deep_supervision
+    given = [flag for flag, on in peers.items() if on]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: expected a binary dataset for the peer arms, got a {classes}-class one; "
+            "multi-class data (e.g. busi3) train the ADST arms and the baseline with Dice + CE: drop the flag"
+        )
+
+
+def build_model(args: argparse.Namespace, in_channels: int, classes: int = 1) -> nn.Module:
+    """The smp model with ``classes`` outputs (1: binary; C > 1: multiclass, softmax), wrapped with the ADST head
+    unless ``--no-adst`` (or with the peer head, ``--aux-fcn``)."""
+    _check_classes(args, classes)
     model = smp.create_model(
-        args.arch, encoder_name=args.encoder, encoder_weights=args.encoder_weights, in_channels=in_channels, classes=1
-    )
+        args.arch, encoder_name=args.encoder, encoder_weights=args.encoder_weights, in_channels=in_channels,
+        classes=classes,
+    )  # fmt: skip
     if not args.no_adst:
         return wrap_with_adst(model, args.preset, **config_overrides(args))
     if args.aux_fcn > 0 and args.deep_supervision:
@@ -138,9 +164,15 @@ def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
     return model
 
 
-def build_criterion(args: argparse.Namespace, model: nn.Module) -> nn.Module:
-    """The loss for what :func:`build_model` returned; ``--loss`` is the mask loss of every variant."""
-    base = build_loss(args.loss, hausdorff_weight=args.hausdorff_weight)
+def build_criterion(args: argparse.Namespace, model: nn.Module, classes: int = 1) -> nn.Module:
+    """The loss for what :func:`build_model` returned; ``--loss`` is the mask loss of every binary variant.
+
+    With ``classes > 1`` the mask loss is :class:`~adst_plugin.DiceCELoss` (smp's ``DiceLoss("multiclass",
+    from_logits=True)`` + cross-entropy), for the baseline and the ADST arms alike; ``ADSTLoss`` reads the mode
+    (``multiclass``) from it.
+    """
+    _check_classes(args, classes)
+    base = DiceCELoss() if classes > 1 else build_loss(args.loss, hausdorff_weight=args.hausdorff_weight)
     if isinstance(model, ADSTModel):
         return ADSTLoss(model, base)
     if isinstance(model, AuxFCNModel):

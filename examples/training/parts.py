@@ -19,7 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from adst_examples.data import BadPairsError, LesionSplit, build_dataset, get_or_create_split, split_indices
+from adst_examples.data import (
+    BadPairsError,
+    LesionSplit,
+    build_dataset,
+    get_or_create_split,
+    num_classes,
+    split_indices,
+)
 from adst_examples.data import train_transforms as make_train_transforms
 from adst_examples.training.batches import make_loader
 from adst_examples.training.checkpoints import load_checkpoint, seed_everything
@@ -45,6 +52,13 @@ class Data:
     in_channels: int
     #: The dataset's tag of lesion-free images (BUSI ``normal``): test metrics are also reported without them.
     lesion_free_tag: str | None
+    #: Of a multi-class dataset (``busi3``), every class by index (background first); ``()``: binary.
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        """The model's ``classes``."""
+        return max(1, len(self.class_names))
 
 
 def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,6 +113,7 @@ def build_data(args: argparse.Namespace, ctx: DistContext) -> Data:
         split=split,
         in_channels=dataset.in_channels,
         lesion_free_tag=lesion_free,
+        class_names=tuple(getattr(dataset, "class_names", ())) if num_classes(dataset) > 1 else (),
     )
 
 
@@ -164,13 +179,16 @@ def build_parts(args: argparse.Namespace, ctx: DistContext) -> RunParts:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)  # the model's initialisation depends on the seed alone
-    model = build_model(args, data.in_channels).to(ctx.device)
+    try:
+        model = build_model(args, data.in_channels, data.num_classes).to(ctx.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     seed_everything(args.seed + ctx.rank)  # ranks differ in augmentation only; DDP copies rank 0's weights
     trained: nn.Module = model
     if ctx.distributed:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         trained = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
-    criterion = build_criterion(args, model)
+    criterion = build_criterion(args, model, data.num_classes)
     common: dict[str, Any] = {"batch_size": args.batch_size, "workers": args.workers, "seed": args.seed}
     train_gen = torch.Generator()
     # ADST runs: the workers build the loss's targets.

@@ -548,7 +548,7 @@ def test_build_dataset_factory(busi_root: Path, folder_pair: tuple[Path, Path]) 
     assert ds.in_channels == 1
     syn = data.build_dataset("Synthetic", n=3, seed=1, img_size=32)
     assert len(syn) == 3 and syn[0][0].shape == (1, 32, 32)
-    with pytest.raises(ValueError, match="busi, isic2018, kvasir, folder, synthetic"):
+    with pytest.raises(ValueError, match="busi, busi3, isic2018, kvasir, folder, synthetic"):
         data.build_dataset("cvc")
     with pytest.raises(ValueError, match="root"):
         data.build_dataset("kvasir")
@@ -557,7 +557,7 @@ def test_build_dataset_factory(busi_root: Path, folder_pair: tuple[Path, Path]) 
 
 
 def test_datasets_needing_reads_the_registry() -> None:
-    assert data.datasets_needing("root") == ["busi", "isic2018", "kvasir"]
+    assert data.datasets_needing("root") == ["busi", "busi3", "isic2018", "kvasir"]
     assert data.datasets_needing("masks") == ["folder"]
     assert data.datasets_needing("nothing") == []
 
