@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 
 from adst_examples import compare, train
-from adst_examples.data import LesionSplit, SyntheticLesionDataset
+from adst_examples.data import DATASET_NAMES, LesionSplit, SyntheticLesionDataset
 from adst_examples.metrics import METRIC_NAMES
 from adst_examples.training.models import build_criterion, build_model
 from adst_examples.training.plots import OverlayRow, overlay_figure, plot_overlays
@@ -337,7 +337,7 @@ def test_training_batches_carry_targets_built_in_the_workers() -> None:
 
 @pytest.mark.slow  # a fresh interpreter
 def test_the_script_runs_as_a_file_and_reports_bad_data_in_one_line(tmp_path: Path) -> None:
-    assert "--dataset {busi,isic2018,kvasir,folder,synthetic}" in train.build_parser().format_help()
+    assert f"--dataset {{{','.join(DATASET_NAMES)}}}" in train.build_parser().format_help()
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "train.py"), "--dataset", "busi", "--root", str(tmp_path / "nope"),
          "--out", str(tmp_path / "run")],
@@ -353,4 +353,4 @@ def test_the_script_runs_as_a_module_from_the_repository_root() -> None:
     proc = subprocess.run([sys.executable, "-m", "examples.train", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--dataset {busi,isic2018,kvasir,folder,synthetic}" in proc.stdout
+    assert f"--dataset {{{','.join(DATASET_NAMES)}}}" in proc.stdout
