@@ -99,7 +99,7 @@ class ADSTConfig:
     hidden_channels: int = HIDDEN_CHANNELS
     head_stride: int = HEAD_STRIDE
     feature_grad: float = 1.0
-    fusion_grad: float = 0.0  # 1 let the threshold term pull 7x harder than the mask loss (docs/results.md, section 7)
+    fusion_grad: float = 0.0  # 1 let the threshold term pull 7x harder than the mask loss (docs/results.md, BUSI 2026-12-01)
     edge_input: str = "probs"
     fused_role: str = "threshold"
     db_steepness: float = DB_STEEPNESS
@@ -112,7 +112,7 @@ class ADSTConfig:
     w_fused: float = 0.0
     w_threshold: float = 10.0
     w_binary: float = 1.0
-    w_boundary: float = 0.0  # opt-in: at weight 1 it cost 7 Dice points on validation (docs/results.md, section 5)
+    w_boundary: float = 0.0  # opt-in: at weight 1 it cost 7 Dice points on validation (docs/results.md, BUSI 2026-11-27)
     shrink_ratio: float = SHRINK_RATIO
     thresh_min: float = THRESH_MIN
     thresh_max: float = THRESH_MAX
@@ -188,9 +188,9 @@ PRESETS: dict[str, ADSTConfig] = {
 PRESETS["legacy"] = PRESETS["paper"].replace(head_input="features", feature_grad=0.0)
 
 #: The preset ``wrap_with_adst`` uses when none is named. Chosen by the rule fixed before the study: the best mean
-#: paired validation Dice difference against the baseline among the ADST arms (docs/results.md, section 7: BUSI,
+#: paired validation Dice difference against the baseline among the ADST arms (docs/results.md, BUSI 2026-12-01:
 #: 6 seeds, "adst" +0.12 [-0.85, +1.08], "paper" -0.47 [-2.37, +1.44]). Both tie with the baseline and with each
-#: other; "paper" loses small-lesion Dice (-4.4 there, and -6.0 with -7.4 small recall at 24 seeds in section 6).
+#: other; "paper" loses small-lesion Dice (-4.4 there, and -6.0 with -7.4 small recall at 24 seeds on 2026-11-28).
 DEFAULT_PRESET = "adst"
 
 

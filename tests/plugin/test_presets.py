@@ -29,7 +29,7 @@ def _batch(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 def test_the_presets_are_the_documented_ones():
     assert sorted(PRESETS) == ["adst", "legacy", "paper"]
     # The default was chosen by the study's rule (best mean paired validation Dice among the ADST arms,
-    # docs/results.md section 7); the dataclass defaults are the export-aware redesign ("adst").
+    # docs/results.md, BUSI 2026-12-01); the dataclass defaults are the export-aware redesign ("adst").
     assert DEFAULT_PRESET == "adst" and get_config() is PRESETS["adst"]
     assert PRESETS["adst"] == ADSTConfig()
 
@@ -78,7 +78,7 @@ def test_preset_contents():
         True,
     )
     assert (adst.w_edge, adst.w_fused) == (0.0, 0.0) and min(adst.w_threshold, adst.w_binary) > 0
-    assert adst.w_boundary == 0.0  # built and tested, off by the study's evidence (docs/results.md, section 5)
+    assert adst.w_boundary == 0.0  # built and tested, off by the study's evidence (docs/results.md, BUSI 2026-11-27)
     # The threshold map is read off the main map without training it; the reference's wiring trains through.
     assert (adst.fusion_grad, paper.fusion_grad, legacy.fusion_grad) == (0.0, 1.0, 1.0)
     assert (paper.head_input, paper.feature_grad, paper.edge_input, paper.fused_role) == (
