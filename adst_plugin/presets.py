@@ -99,7 +99,7 @@ class ADSTConfig:
     hidden_channels: int = HIDDEN_CHANNELS
     head_stride: int = HEAD_STRIDE
     feature_grad: float = 1.0
-    fusion_grad: float = 0.0  # 1 let the threshold term pull 7x harder than the mask loss (docs/results.md, BUSI 2026-12-01)
+    fusion_grad: float = 0.0  # 1 let the threshold term pull 7x harder than the mask loss (results.md, BUSI 2026-12-01)
     edge_input: str = "probs"
     fused_role: str = "threshold"
     db_steepness: float = DB_STEEPNESS
@@ -112,7 +112,7 @@ class ADSTConfig:
     w_fused: float = 0.0
     w_threshold: float = 10.0
     w_binary: float = 1.0
-    w_boundary: float = 0.0  # opt-in: at weight 1 it cost 7 Dice points on validation (docs/results.md, BUSI 2026-11-27)
+    w_boundary: float = 0.0  # opt-in: at weight 1 it cost 7 Dice points on validation (results.md, BUSI 2026-11-27)
     shrink_ratio: float = SHRINK_RATIO
     thresh_min: float = THRESH_MIN
     thresh_max: float = THRESH_MAX
