@@ -36,6 +36,8 @@ GROUPS = {
 EXPORTED = ("encoder", "decoder", "segmentation_head")
 MODEL = frozenset(EXPORTED)
 TERMS = {weight: weight.removeprefix("w_") for weight in LOSS_WEIGHTS}  # w_core -> core
+#: The weight of each term: the main map's term is "core", or "sdf" with main_target="sdf".
+WEIGHT_OF = {**{term: weight for weight, term in TERMS.items()}, "sdf": "w_core"}
 
 #: (row label, preset, wrap overrides, loss overrides) -> term -> the groups with a nonzero gradient.
 EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
@@ -63,6 +65,13 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "core": frozenset({"encoder", "decoder", "head.main"}),
         # the reference's wiring: T's loss trains the main branch and, through it, the features
         "threshold": frozenset({"encoder", "decoder", "head.main", "head.fusion"}),
+        "binary": MODEL,
+    },
+    ("adst, main_target=sdf", "adst", (("main_target", "sdf"),), ()): {
+        "sdf": frozenset({"encoder", "decoder", "head.main"}),  # deep supervision towards the signed distance
+    },
+    ("adst, threshold_target=symmetric", "adst", (("threshold_target", "symmetric"),), ()): {
+        "threshold": frozenset({"head.fusion"}),  # another target for T, the same path
         "binary": MODEL,
     },
     ("adst, multiclass (C = 3)", "adst", (), (("mode", "multiclass"),)): {
@@ -103,10 +112,9 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
 
 def _cases() -> list:
     return [
-        pytest.param(key, TERMS[weight], id=f"{key[0].replace(' ', '')}:{TERMS[weight]}")
+        pytest.param(key, term, id=f"{key[0].replace(' ', '')}:{term}")
         for key, terms in EXPECTED.items()
-        for weight in LOSS_WEIGHTS
-        if TERMS[weight] in terms
+        for term in terms
     ]
 
 
@@ -137,7 +145,7 @@ def _grads(preset: str, term: str, wrap: dict | None = None, loss: dict | None =
     net = tiny_unet() if mode == "binary" else tiny_model(3)
     model = wrap_with_adst(net, preset, **(wrap or {})).train()
     weights = {w: 0.0 for w in LOSS_WEIGHTS}
-    weight = f"w_{term}"
+    weight = WEIGHT_OF[term]
     weights[weight] = getattr(model.config, weight)
     assert weights[weight] > 0, f"{term} has no weight in {preset}"
     criterion = ADSTLoss(model, **weights, **(loss or {}))
