@@ -72,12 +72,7 @@ def check_mask(mask: Any, where: str) -> Tensor:
         TypeError: if ``mask`` is neither a tensor nor an array, or has a complex/unsupported dtype.
         ValueError: wrong rank, channel count, empty spatial size, NaN, or values outside the sets above.
     """
-    if isinstance(mask, np.ndarray):
-        if mask.dtype == object or not (np.issubdtype(mask.dtype, np.number) or mask.dtype == np.bool_):
-            raise TypeError(f"{where}: expected a numeric or bool mask, got numpy dtype {mask.dtype}")
-        mask = torch.from_numpy(np.ascontiguousarray(mask))
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{where}: expected mask as torch.Tensor or numpy.ndarray, got {type(mask).__name__}")
+    mask = _as_tensor(mask, where)
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ValueError(
             f"{where}: expected mask of shape (B, 1, H, W), got {tuple(mask.shape)}. "
@@ -87,8 +82,6 @@ def check_mask(mask: Any, where: str) -> Tensor:
         raise ValueError(f"{where}: expected a mask with non-empty H and W, got {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
         return mask
-    if mask.is_complex():
-        raise TypeError(f"{where}: expected a real-valued mask, got dtype {mask.dtype}")
     is_zero = mask == 0
     if _is_tracing():
         return ~is_zero

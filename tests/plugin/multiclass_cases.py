@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
+from conftest import tiny_unet
 
 MODES = ("multiclass", "multilabel")
 
@@ -12,14 +13,7 @@ MODES = ("multiclass", "multilabel")
 def tiny_model(classes: int = 3, encoder_name: str = "resnet18", seed: int = 0, **kwargs) -> torch.nn.Module:
     """A small smp Unet (depth 3) with ``classes`` output channels, seeded."""
     torch.manual_seed(seed)
-    return smp.Unet(
-        encoder_name,
-        encoder_weights=None,
-        encoder_depth=3,
-        decoder_channels=(32, 16, 16),
-        classes=classes,
-        **kwargs,
-    )
+    return tiny_unet(encoder_name=encoder_name, classes=classes, **kwargs)
 
 
 def _disc(size: int, radius: float, centre: tuple[float, float]) -> np.ndarray:
