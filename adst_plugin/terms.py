@@ -65,7 +65,9 @@ def aux_terms(
     band = band_weights(border, c.thresh_min, c.thresh_max)
     if weight is not None:
         band = band * weight
-    sdf = signed_distance(border, target, c.thresh_min, c.thresh_max)
+    # The signed distance only for the options that read it: the default's step does not pay for it.
+    needs_sdf = c.main_target == "sdf" or (c.fused_role == "threshold" and c.threshold_target == "symmetric")
+    sdf = signed_distance(border, target, c.thresh_min, c.thresh_max) if needs_sdf else None
     main = target_slice(maps.main, mode)
     terms: dict[str, tuple[float, Tensor]] = {}
     if c.main_target == "sdf":
