@@ -63,6 +63,15 @@ class ADSTOutput(NamedTuple):
     labels: Tensor | None = None
 
 
+def _pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    # Same values as adaptive_avg_pool2d; a whole-number factor takes the plain average pool, whose backward
+    # on the CPU is several times cheaper (no zeroed full-size buffer).
+    (h, w), (oh, ow) = x.shape[-2:], size
+    if h % oh == 0 and w % ow == 0:
+        return F.avg_pool2d(x, (h // oh, w // ow))
+    return F.adaptive_avg_pool2d(x, size)
+
+
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
     return [
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
@@ -186,7 +195,7 @@ class ADSTHead(nn.Module):
         size = mask_logits.shape[-2:]
         low_res = (-(-size[0] // s), -(-size[1] // s))
         if features.shape[-2] > low_res[0] or features.shape[-1] > low_res[1]:
-            features = F.adaptive_avg_pool2d(features, low_res)
+            features = _pool_to(features, low_res)
         main_low = self.main(features)
         if main_low.shape[-2:] != low_res:
             main_low = F.interpolate(main_low, size=low_res, mode="bilinear", align_corners=False)

@@ -93,8 +93,9 @@ class SRU(nn.Module):
         channel_weight = (gamma / gamma.sum()).view(1, -1, 1, 1)
         gate = torch.sigmoid(self.gn(x) * channel_weight)
         informative = gate > self.gate_threshold
-        x_info = torch.where(informative, torch.ones_like(gate), gate) * x
-        x_redundant = torch.where(informative, torch.zeros_like(gate), gate) * x
+        gated = gate * x  # informative gates count as 1 in x_info and 0 in x_redundant (hard), the rest as gate
+        x_info = torch.where(informative, x, gated)
+        x_redundant = gated.masked_fill(informative, 0.0)
         info_a, info_b = x_info.chunk(2, dim=1)
         red_a, red_b = x_redundant.chunk(2, dim=1)
         return torch.cat([info_a + red_b, info_b + red_a], dim=1)

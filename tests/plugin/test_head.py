@@ -1,8 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from adst_plugin.head import ADSTHead, FusionMap
+from adst_plugin.head import ADSTHead, FusionMap, _pool_to
 
 
 @pytest.mark.parametrize("head_stride", [1, 2, 3, 4])
@@ -76,3 +78,18 @@ def test_bad_arguments():
         ADSTHead(8, hidden_channels=12)
     with pytest.raises(ValueError, match="in_channels >= 1"):
         ADSTHead(0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), out_h=st.integers(1, 12), out_w=st.integers(1, 12))
+def test_feature_pooling_is_the_adaptive_average(h, w, out_h, out_w):
+    # The head pools features with avg_pool2d when the factor is whole (cheaper backward on the CPU): same values
+    # and gradient as adaptive_avg_pool2d, whole factor or not.
+    out_h, out_w = min(out_h, h), min(out_w, w)
+    x = torch.randn(2, 3, h, w, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    weights = torch.randn(2, 3, out_h, out_w)
+    (_pool_to(x, (out_h, out_w)) * weights).sum().backward()
+    (F.adaptive_avg_pool2d(x_ref, (out_h, out_w)) * weights).sum().backward()
+    torch.testing.assert_close(_pool_to(x, (out_h, out_w)), F.adaptive_avg_pool2d(x_ref, (out_h, out_w)))
+    torch.testing.assert_close(x.grad, x_ref.grad)

@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adst_plugin.saca import CRU, SACA, SRU, saca_channel_problems
 
@@ -45,6 +47,29 @@ def test_sru_cross_adds_redundant_halves():
     cross = weighted[:, :4] + weighted[:, 4:]
     expected = torch.cat([cross, cross], dim=1)
     assert torch.allclose(sru(x), expected, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), threshold=st.floats(0.0, 1.0), bias=st.floats(-3.0, 3.0))
+def test_sru_matches_the_reference_gating_in_value_and_gradient(seed, threshold, bias):
+    # The reference's formulation: informative gates replaced by ones / zeros, then multiplied by x.
+    torch.manual_seed(seed)
+    sru = SRU(8, gate_threshold=threshold)
+    with torch.no_grad():
+        sru.gn.bias.fill_(bias)
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    gate = torch.sigmoid(sru.gn(x_ref) * (sru.gn.weight / sru.gn.weight.sum()).view(1, -1, 1, 1))
+    informative = gate > threshold
+    info = torch.where(informative, torch.ones_like(gate), gate) * x_ref
+    redundant = torch.where(informative, torch.zeros_like(gate), gate) * x_ref
+    expected = torch.cat([info[:, :4] + redundant[:, 4:], info[:, 4:] + redundant[:, :4]], dim=1)
+    weights = torch.randn_like(expected)
+    out = sru(x)
+    torch.testing.assert_close(out, expected)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
 
 
 def test_cru_shapes():
