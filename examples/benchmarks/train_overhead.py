@@ -2,11 +2,14 @@
 
     python examples/benchmarks/train_overhead.py                       # Unet-resnet34, 256², batch 8
     python examples/benchmarks/train_overhead.py --all-archs --size 128 --batch 4 --steps 10
+    python examples/benchmarks/train_overhead.py --breakdown             # where the extra time goes
 
 Steps are interleaved A/B/A/B after a warm-up; the ratio of the medians is printed. Each step is the training
 engine's :func:`~adst_examples.training.engine.train_step`, the one train.py and the study run (forward under
 autocast, loss in float32 outside it, optimizer and scheduler step). The ADST step includes everything a user pays
-for: the head, the on-the-fly targets and the auxiliary loss terms.
+for: the head, the on-the-fly targets and the auxiliary loss terms. ``--breakdown`` times those three parts alone
+in the same interleaved loop (head forward + backward on the tapped features, targets of the batch's masks, the
+auxiliary terms + backward on fixed maps), so their share of the step's extra time is read off one run.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ from adst_examples.training.distributed import describe_device, resolve_device
 from adst_examples.training.engine import Batch, Optimisation, train_step
 from adst_examples.training.models import count_params
 from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTLoss, wrap_with_adst
+from adst_plugin.head import HeadMaps
+from adst_plugin.hooks import resolve_module
 from adst_plugin.presets import HEAD_INPUTS
+from adst_plugin.targets import adst_targets
+from adst_plugin.terms import aux_terms
 
 
 def adst_config(args: argparse.Namespace) -> str:
@@ -64,6 +71,8 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
 
     # The plain model's loss is what train.py builds for --no-adst: ADSTLoss without a model (Dice + BCE).
     steps = {"plain": step_fn(plain, ADSTLoss(None)), "adst": step_fn(adst, ADSTLoss(adst))}
+    if args.breakdown:
+        steps.update(part_fns(plain, adst, x, y))
     medians = interleaved_medians(steps, args.steps, args.warmup)
     head_flops = flops(lambda: adst(x)) - flops(lambda: plain(x))  # forward FLOPs the head adds
     return {
@@ -74,7 +83,45 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
         "head_params": count_params(adst.head),
         "model_params": count_params(plain),
         "head_gflops": head_flops / 1e9,
+        "parts": {name: medians[name] for name in PARTS if name in medians},
     }
+
+
+#: The parts of the ADST step that ``--breakdown`` times alone.
+PARTS = ("head", "targets", "terms")
+
+
+def part_fns(plain: torch.nn.Module, adst, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The head (forward + backward), the targets and the auxiliary terms (+ backward), each alone."""
+    config = adst.config
+    captured = []
+    if config.head_input == "features":
+        handle = resolve_module(plain, config.features).register_forward_hook(lambda m, a, out: captured.append(out))
+        try:
+            with torch.no_grad():
+                logits = plain(x)
+        finally:
+            handle.remove()
+        features = captured[0].detach().requires_grad_(True)
+    else:
+        with torch.no_grad():
+            logits = plain(x)
+        features = logits.detach().requires_grad_(True)
+    logits = logits.detach().requires_grad_(True)
+    adst.train()
+
+    def head() -> None:
+        sum(m.float().sum() for m in adst.head(features, logits)).backward()
+
+    core, border = adst_targets(y)
+    maps = HeadMaps(*(torch.randn_like(logits).requires_grad_(True) for _ in range(3)))
+    base = ADSTLoss(None).base_loss
+
+    def terms() -> None:
+        values = aux_terms(config, maps, logits, y, core, border, fused_loss=base, fused_target=y)
+        sum(w * v for w, v in values.values()).backward()
+
+    return {"head": head, "targets": lambda: adst_targets(y), "terms": terms}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -95,6 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--head-input", choices=HEAD_INPUTS, help="[the preset's]")
     parser.add_argument("--head-stride", type=int, help="[the preset's]")
     parser.add_argument("--feature-grad", type=float, help="gradient scale into the features [the preset's]")
+    parser.add_argument("--breakdown", action="store_true", help="also time the head, targets and terms alone")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,6 +162,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {r['arch']} | {r['plain_s']:.3f} | {r['adst_s']:.3f} | {r['ratio']:.2f}x | {r['head_params']:,} "
             f"| {r['model_params']:,} | {r['head_gflops']:.2f} |"
         )
+    for r in rows:
+        if r["parts"]:
+            extra = r["adst_s"] - r["plain_s"]
+            print(f"\n{r['arch']}: the parts alone, against the step's extra time ({extra:.3f} s)\n")
+            print("| part | s/call | share of the extra time |")
+            print("|---|---|---|")
+            for name, seconds in r["parts"].items():
+                share = f"{seconds / extra:.0%}" if extra > 0 else "-"
+                print(f"| {name} | {seconds:.3f} | {share} |")
     return rows
 
 
