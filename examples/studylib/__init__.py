@@ -44,13 +44,14 @@ from adst_examples.studylib.config import StudyConfig, UsageError
 from adst_examples.studylib.datasets import dataset_source
 from adst_examples.studylib.markdown import format_markdown
 from adst_examples.studylib.plan import Job, estimate_seconds, parse_epochs, plan_jobs
-from adst_examples.studylib.report import METRICS, RULE, build_report, choose_default
+from adst_examples.studylib.report import METRICS, MIN_SEEDS, RULE, build_report, choose_default
 from adst_examples.studylib.workers import exit_with_parent
 
 __all__ = [
     "ARMS",
     "BASELINE",
     "METRICS",
+    "MIN_SEEDS",
     "RULE",
     "Job",
     "StudyConfig",

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from adst_examples.studylib.arms import BASELINE
-from adst_examples.studylib.report import CONVERGENCE_WINDOW, RULE
+from adst_examples.studylib.report import CONVERGENCE_WINDOW, MIN_SEEDS, RULE
 
 __all__ = ["format_markdown"]
 
@@ -84,9 +84,15 @@ def _choice(choice: dict[str, Any]) -> list[str]:
         lines.append(f"Not eligible: **{arm}** ({why}).")
     if choice.get("arm") is None:
         return [*lines, "No ADST arm is eligible under the rule: no default is chosen on this dataset."]
+    if choice.get("provisional"):
+        lead = (
+            f"Provisional pick at {choice['paired_seeds']} paired seeds (the rule decides at >= {MIN_SEEDS}), "
+            f"on validation among the eligible ADST arms: **{choice['arm']}** "
+        )
+    else:
+        lead = f"Chosen on validation (among the eligible ADST arms): **{choice['arm']}** "
     lines.append(
-        f"Chosen on validation (among the eligible ADST arms): **{choice['arm']}** "
-        f"(Δ val BIoU {_pd(choice['paired_val_boundary_iou'], 'boundary_iou')}, "
+        lead + f"(Δ val BIoU {_pd(choice['paired_val_boundary_iou'], 'boundary_iou')}, "
         f"Δ val Dice {_pd(choice['paired_val_dice'], 'dice')}). Its test differences, reported only: "
         f"Δ BIoU {_pd(choice['paired_test_boundary_iou'], 'boundary_iou')}, "
         f"Δ Dice {_pd(choice['paired_test_dice'], 'dice')}."

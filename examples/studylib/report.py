@@ -18,6 +18,7 @@ __all__ = [
     "CONVERGENCE_WINDOW",
     "LOWER_IS_BETTER",
     "METRICS",
+    "MIN_SEEDS",
     "NON_INFERIORITY",
     "RULE",
     "build_report",
@@ -34,8 +35,11 @@ RULE = (
     "The default is the ADST arm with the best mean paired validation boundary IoU difference against the baseline "
     "(datasets.<name>.arms.<arm>.paired_val.boundary_iou.mean), among the ADST arms whose mean paired validation "
     "Dice difference is >= -0.5 points (non-inferior). Test metrics are reported, never used to choose. If no arm's "
-    "paired boundary-IoU interval lies above 0, the report says so."
+    "paired boundary-IoU interval lies above 0, the report says so. The rule decides at >= 12 paired seeds of every "
+    "eligible arm; with fewer its pick is reported as provisional."
 )
+#: Paired seeds every eligible arm needs before the rule's pick is a decision rather than provisional.
+MIN_SEEDS = 12
 #: The convergence check's window: the last epochs of a run.
 CONVERGENCE_WINDOW = 3
 
@@ -97,8 +101,9 @@ def choose_default(arms: dict[str, dict[str, Any]], by_arm: dict[str, dict[int, 
 
     Returns:
         ``{arm, eligible, excluded, paired_val_boundary_iou, paired_val_dice, paired_test_boundary_iou,
-        paired_test_dice, biou_above_zero_val, biou_above_zero_test, vs_runner_up}``; ``arm`` is ``None`` when
-        no ADST arm is eligible.
+        paired_test_dice, paired_seeds, provisional, biou_above_zero_val, biou_above_zero_test, vs_runner_up}``;
+        ``arm`` is ``None`` when no ADST arm is eligible; ``provisional`` when an eligible arm has fewer than
+        :data:`MIN_SEEDS` paired validation seeds (``paired_seeds``: the fewest).
     """
     adst = {a: e for a, e in arms.items() if a != BASELINE and is_adst(e["flags"])}
     eligible, excluded = {}, {}
@@ -122,6 +127,8 @@ def choose_default(arms: dict[str, dict[str, Any]], by_arm: dict[str, dict[int, 
     if not ranked:
         return out
     best = arms[ranked[0]]
+    out["paired_seeds"] = min(arms[a]["paired_val"]["boundary_iou"]["n"] for a in ranked)
+    out["provisional"] = out["paired_seeds"] < MIN_SEEDS
     for key, split in (("val", "paired_val"), ("test", "paired")):
         out[f"paired_{key}_boundary_iou"] = best[split]["boundary_iou"]
         out[f"paired_{key}_dice"] = best[split]["dice"]

@@ -91,8 +91,29 @@ def test_report_fields_and_intervals() -> None:
     assert report["datasets"]["busi"]["choice"]["arm"] == "adst"
     assert "validation boundary IoU" in report["rule"]
     text = study.format_markdown(jsonable(report))
-    assert "| adst |" in text and "Chosen on validation (among the eligible ADST arms): **adst**" in text
+    assert report["datasets"]["busi"]["choice"]["provisional"] is True  # 4 paired seeds < MIN_SEEDS
+    assert "| adst |" in text and "Provisional pick at 4 paired seeds (the rule decides at >= 12)" in text
+    assert "Chosen on validation" not in text
     json.dumps(jsonable(report), allow_nan=False)  # strict JSON: NaN became null
+
+
+@pytest.mark.parametrize(("seeds_b", "decided"), [(study.MIN_SEEDS, True), (study.MIN_SEEDS - 1, False)])
+def test_the_rule_decides_only_when_every_eligible_arm_has_min_seeds(seeds_b: int, decided: bool) -> None:
+    # Arm a has MIN_SEEDS paired seeds; arm b (also eligible) has seeds_b: the fewest decide.
+    results = {}
+    for s in range(study.MIN_SEEDS):
+        results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70)
+        results[study.Job("busi", "a", s)] = _result("busi", "a", s, 0.80, 0.71, val_biou=0.40 + s / 1000)
+        if s < seeds_b:
+            results[study.Job("busi", "b", s)] = _result("busi", "b", s, 0.80, 0.71, val_biou=0.30)
+    flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-core 0"}
+    for job in results:
+        results[job]["arm_flags"] = flags[job.arm]
+    report = study.build_report(results, ["busi"], ["baseline", "a", "b"], flags)
+    choice = report["datasets"]["busi"]["choice"]
+    assert choice["arm"] == "a" and choice["paired_seeds"] == seeds_b and choice["provisional"] is not decided
+    text = study.format_markdown(jsonable(report))
+    assert ("Chosen on validation (among the eligible ADST arms): **a**" in text) is decided
 
 
 def test_parse_epochs() -> None:
