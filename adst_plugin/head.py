@@ -64,8 +64,8 @@ class ADSTOutput(NamedTuple):
 
 
 def _pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
-    # Same values as adaptive_avg_pool2d; a whole-number factor takes the plain average pool, whose backward
-    # on the CPU is several times cheaper (no zeroed full-size buffer).
+    # Same values as adaptive_avg_pool2d; a whole-number factor takes the plain average pool, about 10 % cheaper
+    # forward + backward on the CPU (8 x 16 x 256² features pooled to 128², 1 thread).
     (h, w), (oh, ow) = x.shape[-2:], size
     if h % oh == 0 and w % ow == 0:
         return F.avg_pool2d(x, (h // oh, w // ow))

@@ -94,19 +94,16 @@ PARTS = ("head", "targets", "terms")
 def part_fns(plain: torch.nn.Module, adst, x: torch.Tensor, y: torch.Tensor) -> dict:
     """The head (forward + backward), the targets and the auxiliary terms (+ backward), each alone."""
     config = adst.config
-    captured = []
-    if config.head_input == "features":
-        handle = resolve_module(plain, config.features).register_forward_hook(lambda m, a, out: captured.append(out))
-        try:
-            with torch.no_grad():
-                logits = plain(x)
-        finally:
-            handle.remove()
-        features = captured[0].detach().requires_grad_(True)
-    else:
+    captured: list[torch.Tensor] = []
+    tap = resolve_module(plain, config.features) if config.head_input == "features" else None
+    handle = tap.register_forward_hook(lambda m, a, out: captured.append(out)) if tap is not None else None
+    try:
         with torch.no_grad():
             logits = plain(x)
-        features = logits.detach().requires_grad_(True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    features = (captured[0] if captured else logits).detach().requires_grad_(True)
     logits = logits.detach().requires_grad_(True)
     adst.train()
 

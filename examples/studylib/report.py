@@ -31,15 +31,16 @@ METRICS: tuple[str, ...] = ("dice", "iou", "hd95", "boundary_iou", "small_recall
 LOWER_IS_BETTER = frozenset({"hd95"})
 #: The smallest mean paired validation Dice difference (a fraction: -0.005 = -0.5 points) of an eligible arm.
 NON_INFERIORITY = -0.005
+#: Paired seeds every eligible arm needs before the rule's pick is a decision rather than provisional.
+MIN_SEEDS = 12
 RULE = (
     "The default is the ADST arm with the best mean paired validation boundary IoU difference against the baseline "
     "(datasets.<name>.arms.<arm>.paired_val.boundary_iou.mean), among the ADST arms whose mean paired validation "
     "Dice difference is >= -0.5 points (non-inferior). Test metrics are reported, never used to choose. If no arm's "
-    "paired boundary-IoU interval lies above 0, the report says so. The rule decides at >= 12 paired seeds of every "
-    "eligible arm; with fewer its pick is reported as provisional."
+    "paired boundary-IoU interval lies above 0, the report says so. "
+    f"The rule decides at >= {MIN_SEEDS} paired seeds of every eligible arm; with fewer its pick is reported as "
+    "provisional."
 )
-#: Paired seeds every eligible arm needs before the rule's pick is a decision rather than provisional.
-MIN_SEEDS = 12
 #: The convergence check's window: the last epochs of a run.
 CONVERGENCE_WINDOW = 3
 
