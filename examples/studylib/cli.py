@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--datasets", help="comma list: busi, kvasir, isic2018, synthetic, or a --folder NAME [synthetic]")
     g.add_argument("--arms", help="comma list of arm names (the baseline is always added) [baseline,adst]")
     g.add_argument(
-        "--arm", action="append", default=[], metavar="NAME=FLAGS", help="define an arm, e.g. 'mine=--preset adst'"
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="define an arm and run it (it joins --arms), e.g. 'mine=--preset adst'",
     )
     g.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..S-1")
     g.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds (overrides --seeds)")
