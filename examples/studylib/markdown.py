@@ -84,13 +84,19 @@ def _choice(choice: dict[str, Any]) -> list[str]:
         lines.append(f"Not eligible: **{arm}** ({why}).")
     if choice.get("arm") is None:
         return [*lines, "No ADST arm is eligible under the rule: no default is chosen on this dataset."]
+    short = choice.get("short", {})
+    if short:
+        counts = ", ".join(f"**{arm}** ({n})" for arm, n in short.items())
+        lines.append(f"Reported, not in the decision (fewer than {MIN_SEEDS} paired seeds): {counts}.")
     if choice.get("provisional"):
         lead = (
-            f"Provisional pick at {choice['paired_seeds']} paired seeds (the rule decides at >= {MIN_SEEDS}), "
-            f"on validation among the eligible ADST arms: **{choice['arm']}** "
+            f"Provisional pick (no eligible arm has {MIN_SEEDS} paired seeds; this one has "
+            f"{choice['paired_seeds']}), on validation among the eligible ADST arms: **{choice['arm']}** "
         )
     else:
-        lead = f"Chosen on validation (among the eligible ADST arms): **{choice['arm']}** "
+        lead = (
+            f"Chosen on validation among the eligible ADST arms with >= {MIN_SEEDS} paired seeds: **{choice['arm']}** "
+        )
     lines.append(
         lead + f"(Δ val BIoU {_pd(choice['paired_val_boundary_iou'], 'boundary_iou')}, "
         f"Δ val Dice {_pd(choice['paired_val_dice'], 'dice')}). Its test differences, reported only: "
@@ -103,7 +109,8 @@ def _choice(choice: dict[str, Any]) -> list[str]:
         lo, hi = pr["ci95"]
         tie = pr["n"] > 1 and _finite(lo) and lo <= 0 <= hi
         lines.append(
-            f"Against the next eligible ADST arm, **{runner['arm']}**, paired Δ val BIoU "
+            f"Against the next {'eligible' if choice.get('provisional') else 'finalist'} ADST arm, "
+            f"**{runner['arm']}**, paired Δ val BIoU "
             f"{_pd(pr, 'boundary_iou')}{': a tie on validation' if tie else ''}."
         )
     for split, name in (("val", "validation"), ("test", "test")):

@@ -31,15 +31,15 @@ METRICS: tuple[str, ...] = ("dice", "iou", "hd95", "boundary_iou", "small_recall
 LOWER_IS_BETTER = frozenset({"hd95"})
 #: The smallest mean paired validation Dice difference (a fraction: -0.005 = -0.5 points) of an eligible arm.
 NON_INFERIORITY = -0.005
-#: Paired seeds every eligible arm needs before the rule's pick is a decision rather than provisional.
+#: Paired seeds an eligible arm needs to take part in the decision (a finalist); with none, the pick is provisional.
 MIN_SEEDS = 12
 RULE = (
     "The default is the ADST arm with the best mean paired validation boundary IoU difference against the baseline "
     "(datasets.<name>.arms.<arm>.paired_val.boundary_iou.mean), among the ADST arms whose mean paired validation "
     "Dice difference is >= -0.5 points (non-inferior). Test metrics are reported, never used to choose. If no arm's "
     "paired boundary-IoU interval lies above 0, the report says so. "
-    f"The rule decides at >= {MIN_SEEDS} paired seeds of every eligible arm; with fewer its pick is reported as "
-    "provisional."
+    f"The rule decides among the eligible arms with >= {MIN_SEEDS} paired seeds (the finalists); arms with fewer are "
+    "reported, not chosen. While no eligible arm has that many, its pick among all eligible arms is provisional."
 )
 #: The convergence check's window: the last epochs of a run.
 CONVERGENCE_WINDOW = 3
@@ -103,8 +103,10 @@ def choose_default(arms: dict[str, dict[str, Any]], by_arm: dict[str, dict[int, 
     Returns:
         ``{arm, eligible, excluded, paired_val_boundary_iou, paired_val_dice, paired_test_boundary_iou,
         paired_test_dice, paired_seeds, provisional, biou_above_zero_val, biou_above_zero_test, vs_runner_up}``;
-        ``arm`` is ``None`` when no ADST arm is eligible; ``provisional`` when an eligible arm has fewer than
-        :data:`MIN_SEEDS` paired validation seeds (``paired_seeds``: the fewest).
+        ``arm`` is ``None`` when no ADST arm is eligible. The pick is made among the *finalists*, the eligible arms
+        with >= :data:`MIN_SEEDS` paired validation seeds (``short``: the other eligible arms and their seed
+        counts, reported but not chosen); with no finalist it is made among all eligible arms and is
+        ``provisional``. ``paired_seeds``: the pick's paired validation seeds.
     """
     adst = {a: e for a, e in arms.items() if a != BASELINE and is_adst(e["flags"])}
     eligible, excluded = {}, {}
@@ -127,9 +129,14 @@ def choose_default(arms: dict[str, dict[str, Any]], by_arm: dict[str, dict[int, 
     }
     if not ranked:
         return out
+    seeds = {a: arms[a]["paired_val"]["boundary_iou"]["n"] for a in ranked}
+    finalists = [a for a in ranked if seeds[a] >= MIN_SEEDS]
+    out["provisional"] = not finalists
+    out["short"] = {} if out["provisional"] else {a: n for a, n in seeds.items() if n < MIN_SEEDS}
+    ranked = finalists or ranked
+    out["arm"] = ranked[0]
+    out["paired_seeds"] = seeds[ranked[0]]
     best = arms[ranked[0]]
-    out["paired_seeds"] = min(arms[a]["paired_val"]["boundary_iou"]["n"] for a in ranked)
-    out["provisional"] = out["paired_seeds"] < MIN_SEEDS
     for key, split in (("val", "paired_val"), ("test", "paired")):
         out[f"paired_{key}_boundary_iou"] = best[split]["boundary_iou"]
         out[f"paired_{key}_dice"] = best[split]["dice"]

@@ -92,28 +92,52 @@ def test_report_fields_and_intervals() -> None:
     assert "validation boundary IoU" in report["rule"]
     text = study.format_markdown(jsonable(report))
     assert report["datasets"]["busi"]["choice"]["provisional"] is True  # 4 paired seeds < MIN_SEEDS
-    assert "| adst |" in text and "Provisional pick at 4 paired seeds (the rule decides at >= 12)" in text
+    assert "| adst |" in text and "Provisional pick (no eligible arm has 12 paired seeds; this one has 4)" in text
     assert "Chosen on validation" not in text
     json.dumps(jsonable(report), allow_nan=False)  # strict JSON: NaN became null
 
 
-@pytest.mark.parametrize(("seeds_b", "decided"), [(study.MIN_SEEDS, True), (study.MIN_SEEDS - 1, False)])
-def test_the_rule_decides_only_when_every_eligible_arm_has_min_seeds(seeds_b: int, decided: bool) -> None:
-    # Arm a has MIN_SEEDS paired seeds; arm b (also eligible) has seeds_b: the fewest decide.
+@pytest.mark.parametrize("seeds_b", [1, study.MIN_SEEDS - 1, study.MIN_SEEDS])
+@pytest.mark.parametrize("b_better", [False, True])
+def test_the_rule_decides_among_the_finalists(seeds_b: int, b_better: bool) -> None:
+    # Arm a has MIN_SEEDS paired seeds; arm b (also eligible) has seeds_b. Only arms with MIN_SEEDS are chosen
+    # from; a better arm with fewer seeds is reported, not picked.
     results = {}
     for s in range(study.MIN_SEEDS):
         results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70)
         results[study.Job("busi", "a", s)] = _result("busi", "a", s, 0.80, 0.71, val_biou=0.40 + s / 1000)
         if s < seeds_b:
-            results[study.Job("busi", "b", s)] = _result("busi", "b", s, 0.80, 0.71, val_biou=0.30)
+            b_biou = 0.50 if b_better else 0.30
+            results[study.Job("busi", "b", s)] = _result("busi", "b", s, 0.80, 0.71, val_biou=b_biou + s / 1000)
     flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-core 0"}
     for job in results:
         results[job]["arm_flags"] = flags[job.arm]
     report = study.build_report(results, ["busi"], ["baseline", "a", "b"], flags)
     choice = report["datasets"]["busi"]["choice"]
-    assert choice["arm"] == "a" and choice["paired_seeds"] == seeds_b and choice["provisional"] is not decided
+    b_counts = seeds_b >= study.MIN_SEEDS
+    expected = "b" if (b_better and b_counts) else "a"
+    assert choice["provisional"] is False and choice["arm"] == expected
+    assert choice["paired_seeds"] == (seeds_b if expected == "b" else study.MIN_SEEDS)
+    assert choice["short"] == ({} if b_counts else {"b": seeds_b})
+    assert choice["eligible"] == (["b", "a"] if b_better else ["a", "b"])  # every eligible arm, best first
+    assert ("vs_runner_up" in choice) is b_counts  # the runner-up is another finalist
     text = study.format_markdown(jsonable(report))
-    assert ("Chosen on validation (among the eligible ADST arms): **a**" in text) is decided
+    assert f"Chosen on validation among the eligible ADST arms with >= 12 paired seeds: **{expected}**" in text
+    assert ("Reported, not in the decision (fewer than 12 paired seeds): **b**" in text) is not b_counts
+
+
+def test_with_no_finalist_the_pick_is_provisional_among_all_eligible_arms() -> None:
+    results = {}
+    for s in range(3):
+        results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70)
+        results[study.Job("busi", "a", s)] = _result("busi", "a", s, 0.80, 0.71, val_biou=0.40 + s / 1000)
+    results[study.Job("busi", "b", 0)] = _result("busi", "b", 0, 0.80, 0.71, val_biou=0.50)
+    flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-core 0"}
+    for job in results:
+        results[job]["arm_flags"] = flags[job.arm]
+    choice = study.build_report(results, ["busi"], ["baseline", "a", "b"], flags)["datasets"]["busi"]["choice"]
+    assert choice["provisional"] is True and choice["arm"] == "b" and choice["paired_seeds"] == 1
+    assert choice["short"] == {} and choice["vs_runner_up"]["arm"] == "a"
 
 
 def test_parse_epochs() -> None:
