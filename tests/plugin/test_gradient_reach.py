@@ -210,9 +210,10 @@ def render_table() -> str:
         "| preset | term | " + " | ".join(f"`{c}`" for c in columns) + " |",
         "|---|---|" + "|".join(":-:" for _ in columns) + "|",
     ]
+    order = [t for w in LOSS_WEIGHTS for t in (("core", "sdf") if w == "w_core" else (TERMS[w],))]
     for (label, _, _, _), terms in EXPECTED.items():
-        for weight in LOSS_WEIGHTS:
-            term = TERMS[weight]
+        assert set(terms) <= set(order), f"{label}: a term the table would not show"
+        for term in order:
             if term in terms:
                 marks = " | ".join("✓" if c in terms[term] else "-" for c in columns)
                 lines.append(f"| {label} | {term} | {marks} |")
