@@ -165,6 +165,11 @@ class ADSTConfig:
             raise TypeError(f"ADSTConfig: unknown option(s) {unknown}; valid options are {valid}")
         return dataclasses.replace(self, **overrides)
 
+    def term_names(self) -> dict[str, str]:
+        """Loss-weight field -> the name its term has in ``ADSTLoss.last_terms`` and the logs: ``w_x`` -> ``x``,
+        except ``w_core``, whose term is named after :attr:`main_target` (``"core"`` or ``"sdf"``)."""
+        return {w: self.main_target if w == "w_core" else w.removeprefix("w_") for w in LOSS_WEIGHTS}
+
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (for run configs and logs)."""
         return dataclasses.asdict(self)

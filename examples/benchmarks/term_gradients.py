@@ -60,7 +60,8 @@ def load_batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Ten
 
 
 def term_norms(model, config_weights: dict[str, float], batches) -> dict[str, float]:
-    """Mean over batches of the exported-parameter gradient norm of each weighted term alone."""
+    """Mean over batches of the exported-parameter gradient norm of each weighted term alone, keyed by weight
+    field."""
     norms: dict[str, float] = {}
     for weight, value in config_weights.items():
         if value <= 0:
@@ -74,14 +75,14 @@ def term_norms(model, config_weights: dict[str, float], batches) -> dict[str, fl
             named = model.named_parameters()
             grads = [p.grad.flatten() for n, p in named if n.startswith(EXPORTED) and p.grad is not None]
             total += float(torch.cat(grads).norm()) if grads else 0.0
-        norms[weight.removeprefix("w_")] = total / len(batches)
+        norms[weight] = total / len(batches)
     model.zero_grad(set_to_none=True)
     return norms
 
 
-def _ratio(norms: dict[str, float], term: str) -> float:
-    mask = norms.get("mask", 0.0)
-    return norms[term] / mask if mask > 0 else float("nan")
+def _ratio(norms: dict[str, float], weight: str) -> float:
+    mask = norms.get("w_mask", 0.0)
+    return norms[weight] / mask if mask > 0 else float("nan")
 
 
 def train(model, batches, steps: int, lr: float) -> None:
@@ -123,10 +124,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         before = term_norms(model, weights, batches)
         train(model, batches, args.train_steps, args.lr)
         after = term_norms(model, weights, batches)
-        for term in before:
-            row = {"arm": name, "term": term, "weight": weights[f"w_{term}"], "init": before[term],
-                   "init_ratio": _ratio(before, term), "trained": after[term],
-                   "trained_ratio": _ratio(after, term)}  # fmt: skip
+        names = model.config.term_names()  # w_core's term is "sdf" or "core", after main_target
+        for weight in before:
+            term = names[weight]
+            row = {"arm": name, "term": term, "weight": weights[weight], "init": before[weight],
+                   "init_ratio": _ratio(before, weight), "trained": after[weight],
+                   "trained_ratio": _ratio(after, weight)}  # fmt: skip
             rows.append(row)
             print(f"| {name} | {term} | {row['weight']:g} | {row['init']:.3g} | {row['init_ratio']:.2f} | "
                   f"{row['trained']:.3g} | {row['trained_ratio']:.2f} |")  # fmt: skip

@@ -97,7 +97,7 @@ def test_curves_show_the_terms_the_default_preset_trains() -> None:
         history.append({"epoch": epoch, **row, "val_loss": 0.5, "val_dice": 0.1, "val_iou": 0.05})
     drawn = {line.get_label() for line in curves_figure(history).axes[0].get_lines()}
     config = PRESETS[DEFAULT_PRESET]
-    active = {"train_" + w.removeprefix("w_") for w in LOSS_WEIGHTS if getattr(config, w) > 0}
+    active = {"train_" + config.term_names()[w] for w in LOSS_WEIGHTS if getattr(config, w) > 0}
     assert active <= drawn and {"train_total", "val_loss"} <= drawn
     assert len(active) > 1  # the preset trains auxiliary terms, and each has its own curve
     assert not {"train_dice", "train_s"} & drawn

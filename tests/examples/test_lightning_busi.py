@@ -85,7 +85,8 @@ def test_recipe_trains_logs_the_adst_terms_and_fades_them(run):
     for row in train:
         # the default preset's terms (see adst_plugin.presets.DEFAULT_PRESET)
         config = PRESETS[DEFAULT_PRESET]
-        expected = {"mask", "total", *(w.removeprefix("w_") for w in LOSS_WEIGHTS[1:] if getattr(config, w) > 0)}
+        names = config.term_names()
+        expected = {"mask", "total", *(names[w] for w in LOSS_WEIGHTS[1:] if getattr(config, w) > 0)}
         for term in expected:
             assert math.isfinite(float(row[f"train_{term}"])), term
         assert float(row["train_total"]) == pytest.approx(float(row["train_loss"]))

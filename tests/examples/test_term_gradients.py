@@ -29,6 +29,8 @@ def test_fusion_grad_zero_leaves_the_threshold_term_no_path_into_the_exported_mo
         "t1=--preset adst --fusion-grad 1",
         "--arm",
         "t0=--preset adst --fusion-grad 0",
+        "--arm",
+        "s=--preset adst --main-target sdf",
     ]
     rows = {(r["arm"], r["term"]): r for r in term_gradients.main(argv)}
     assert {term for arm, term in rows if arm == "t0"} == {"mask", "core", "threshold", "binary"}
@@ -40,5 +42,6 @@ def test_fusion_grad_zero_leaves_the_threshold_term_no_path_into_the_exported_mo
     # Same init, same batch: the terms fusion_grad does not touch pull equally hard before training.
     for term in ("mask", "core", "binary"):
         assert math.isclose(rows["t0", term]["init"], rows["t1", term]["init"], rel_tol=1e-5), term
+    assert {term for arm, term in rows if arm == "s"} == {"mask", "sdf", "threshold", "binary"}  # named by target
     printed = capsys.readouterr().out
     assert "| t0 | threshold | 10 | 0 | 0.00 |" in printed

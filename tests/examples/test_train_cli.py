@@ -68,7 +68,8 @@ def test_tiny_run_writes_every_output(tmp_path: Path, adst: bool) -> None:
     log = _read(out / "log.json")
     assert [row["epoch"] for row in log] == [1]
     config = PRESETS[DEFAULT_PRESET]
-    aux_terms = {f"train_{w.removeprefix('w_')}" for w in LOSS_WEIGHTS[1:] if getattr(config, w) > 0}
+    names = config.term_names()
+    aux_terms = {f"train_{names[w]}" for w in LOSS_WEIGHTS[1:] if getattr(config, w) > 0}
     assert aux_terms <= set(log[0]) if adst else not aux_terms & set(log[0])
     assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,")
     assert _read(out / "config.json")["args"]["no_adst"] is (not adst)

@@ -79,6 +79,9 @@ def test_preset_contents():
     )
     assert (adst.w_edge, adst.w_fused) == (0.0, 0.0) and min(adst.w_threshold, adst.w_binary) > 0
     assert adst.w_boundary == 0.0  # built and tested, off by the study's evidence (docs/results.md, BUSI 2026-11-27)
+    # The logged name of the main map's term follows its target.
+    assert adst.term_names()["w_core"] == "core" and adst.replace(main_target="sdf").term_names()["w_core"] == "sdf"
+    assert adst.term_names()["w_threshold"] == "threshold"
     # The threshold map is read off the main map without training it; the reference's wiring trains through.
     assert (adst.fusion_grad, paper.fusion_grad, legacy.fusion_grad) == (0.0, 1.0, 1.0)
     assert (paper.head_input, paper.feature_grad, paper.edge_input, paper.fused_role) == (
