@@ -88,6 +88,9 @@ def _choice(choice: dict[str, Any]) -> list[str]:
     if short:
         counts = ", ".join(f"**{arm}** ({n})" for arm, n in short.items())
         lines.append(f"Reported, not in the decision (fewer than {MIN_SEEDS} paired seeds): {counts}.")
+    if choice.get("provisional") and choice.get("excluded_finalists"):
+        names = ", ".join(f"**{a}**" for a in choice["excluded_finalists"])
+        lines.append(f"No arm with >= {MIN_SEEDS} paired seeds is eligible ({names}: excluded above).")
     if choice.get("provisional"):
         lead = (
             f"Provisional pick (no eligible arm has {MIN_SEEDS} paired seeds; this one has "

@@ -127,6 +127,8 @@ def choose_default(arms: dict[str, dict[str, Any]], by_arm: dict[str, dict[int, 
         "biou_above_zero_val": [a for a in adst if stats.interval_above_zero(adst[a]["paired_val"]["boundary_iou"])],
         "biou_above_zero_test": [a for a in adst if stats.interval_above_zero(adst[a]["paired"]["boundary_iou"])],
     }
+    # Finalists the Dice margin excluded: with none eligible, the pick below falls to arms with fewer seeds.
+    out["excluded_finalists"] = [a for a in excluded if adst[a]["paired_val"]["boundary_iou"]["n"] >= MIN_SEEDS]
     if not ranked:
         return out
     seeds = {a: arms[a]["paired_val"]["boundary_iou"]["n"] for a in ranked}

@@ -126,6 +126,23 @@ def test_the_rule_decides_among_the_finalists(seeds_b: int, b_better: bool) -> N
     assert ("Reported, not in the decision (fewer than 12 paired seeds): **b**" in text) is not b_counts
 
 
+def test_an_excluded_finalist_is_named_and_the_pick_stays_provisional() -> None:
+    # Arm a has MIN_SEEDS paired seeds but loses 1 Dice point on validation; arm b (one seed) is eligible.
+    results = {}
+    for s in range(study.MIN_SEEDS):
+        results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70)
+        results[study.Job("busi", "a", s)] = _result("busi", "a", s, 0.80, 0.69, val_biou=0.40)
+    results[study.Job("busi", "b", 0)] = _result("busi", "b", 0, 0.80, 0.70, val_biou=0.30)
+    flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-core 0"}
+    for job in results:
+        results[job]["arm_flags"] = flags[job.arm]
+    report = study.build_report(results, ["busi"], ["baseline", "a", "b"], flags)
+    choice = report["datasets"]["busi"]["choice"]
+    assert choice["excluded_finalists"] == ["a"] and choice["provisional"] is True and choice["arm"] == "b"
+    text = study.format_markdown(jsonable(report))
+    assert "No arm with >= 12 paired seeds is eligible (**a**: excluded above)." in text
+
+
 def test_with_no_finalist_the_pick_is_provisional_among_all_eligible_arms() -> None:
     results = {}
     for s in range(3):
