@@ -2,7 +2,7 @@
 
 ::
 
-    features --pool--conv-BN-ReLU-SACA-BN-ReLU-conv--> main       (core localisation, at <= 1/s)
+    features --pool--conv-BN-ReLU-SACA-BN-ReLU-conv--> main       (signed distance or core, at <= 1/s)
     mask logits --[sigmoid, detach]--Laplacian-------> edge       (no parameters, full resolution)
     [main, space-to-depth(edge)] --conv-BN-ReLU-ConvGLU-BN-ReLU-conv--bilinear x s--> fused
 
@@ -39,7 +39,7 @@ class HeadMaps(NamedTuple):
     """The head's three logit maps, each (B, C, H, W) (C: the model's classes).
 
     Attributes:
-        main: main threshold map (core localisation), supervised by the core map.
+        main: main threshold map, supervised by the signed distance to the edge (default) or the core map.
         edge: edge threshold map (Laplacian high-pass of the mask logits or probabilities).
         fused: fusion of main and edge: threshold map T, or mask logits (paper).
     """
@@ -145,7 +145,7 @@ class ADSTHead(nn.Module):
         edge_input: ``"probs"``: Laplacian of the detached sigmoid(logits), a cue no loss can push on;
             ``"logits"``: Laplacian of the mask logits, with gradient (paper).
         fusion_grad: gradient scale from the fusion into the main map (0: the fused map's loss leaves the
-            main branch, and the features behind it, to the core term).
+            main branch, and the features behind it, to the main map's own term).
         classes: C, the model's output channels; every map has one channel per class.
         mode: the smp mode (:mod:`adst_plugin.modes`), which says how the edge cue turns logits into
             probabilities. Needed with ``classes > 1`` and ``edge_input="probs"``; ``ADSTLoss`` sets it from its

@@ -8,11 +8,12 @@ choice is made once.
 Presets:
 
 * ``"adst"`` (default): the export-aware head (the dataclass defaults). The SACA main map reads the live decoder
-  features (``feature_grad=1``) and is supervised by the core map (deep supervision); the fused map is a DBNet
+  features (``feature_grad=1``) and regresses the signed distance to the lesion edge (deep supervision,
+  ``main_target="sdf"``; ``"core"`` is the DBNet core map it regressed before 2026-12-03); the fused map is a DBNet
   threshold map T, read off the main map without training it (``fusion_grad=0``) and a *detached* Laplacian cue
   of the prediction, and supervised by the border map inside the border band; the model's own probability is
   binarised against T (``B = sigmoid(k (P - T))``) and supervised by the mask. Each term's minimum is its
-  target; mask, core and binary reach the exported weights, and the threshold term reaches them through the
+  target; mask, sdf and binary reach the exported weights, and the threshold term reaches them through the
   binary term whose threshold it sets (docs/design.md, "What trains what"). A band-weighted BCE on the exported
   logits (``w_boundary``) is built and tested but off: at weight 1 it lost 7 validation Dice points in the study.
 * ``"paper"``: the reference formulation
@@ -83,7 +84,7 @@ class ADSTConfig:
 
     Loss weights (0 switches a term off; a term that does not apply to the role must be 0):
         w_mask: base loss on the mask logits.
-        w_core: BCE of the main map against the core map.
+        w_core: the main map's term: BCE against the core map, or L1 of tanh against the signed distance.
         w_edge: BCE of the Laplacian edge map against the border map (paper; needs ``edge_input="logits"``).
         w_fused: base loss of the fused map against the mask (``fused_role="mask"``).
         w_threshold: L1 of sigmoid(T) against the border map inside the border band (``"threshold"``).
@@ -104,7 +105,7 @@ class ADSTConfig:
     fused_role: str = "threshold"
     db_steepness: float = DB_STEEPNESS
     detach_threshold: bool = True
-    main_target: str = "core"
+    main_target: str = "sdf"  # the boundary study's pick over "core" (docs/results.md, boundary study, 2026-12-03)
     threshold_target: str = "border"
     w_mask: float = 1.0
     w_core: float = 1.0
@@ -180,6 +181,7 @@ PRESETS: dict[str, ADSTConfig] = {
     "adst": ADSTConfig(),
     "paper": ADSTConfig(
         head_input="logits",
+        main_target="core",
         edge_input="logits",
         fused_role="mask",
         w_edge=1.0,

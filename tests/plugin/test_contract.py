@@ -24,7 +24,7 @@ from conftest import tiny_unet
 from torch.optim.swa_utils import update_bn
 
 import adst_plugin
-from adst_plugin import ADSTLoss, UnclaimedHeadOutputWarning, functional, wrap_with_adst
+from adst_plugin import ADSTLoss, UnclaimedHeadOutputWarning, functional, get_config, wrap_with_adst
 from adst_plugin.hooks import resolve_module
 from adst_plugin.targets import adst_targets
 
@@ -51,9 +51,12 @@ def unclaimed(record: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, UnclaimedHeadOutputWarning)]
 
 
-def expected_core(maps, y: torch.Tensor) -> torch.Tensor:
-    core, _ = adst_targets(y)
-    return functional.core_loss(maps.main, core)
+def expected_main(maps, y: torch.Tensor) -> torch.Tensor:
+    """The default's main-map term: L1 of tanh(main) against the signed distance read off the border map."""
+    config = get_config()
+    _, border = adst_targets(y)
+    sdf = functional.signed_distance(border, y, config.thresh_min, config.thresh_max)
+    return functional.sdf_loss(maps.main, sdf)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def test_a_no_grad_forward_between_a_forward_and_its_loss_keeps_the_pair():
     with torch.no_grad():
         model(images(1))
     criterion(first, y)
-    assert torch.allclose(criterion.last_terms["core"], expected_core(maps, y))
+    assert torch.allclose(criterion.last_terms["sdf"], expected_main(maps, y))
 
 
 def test_detached_logits_and_other_tensors_are_not_the_forwards_output():
@@ -236,7 +239,7 @@ def test_ddp_output_pairs_and_a_mismatch_raises(single_process_group, static_gra
         maps = model._pending
         through_sink.append(out is not model._pending_output)
         criterion(out, y).backward()
-        assert torch.allclose(criterion.last_terms["core"], expected_core(maps, y))
+        assert torch.allclose(criterion.last_terms["sdf"], expected_main(maps, y))
     assert through_sink == [static_graph, False, False]
     first = ddp(images(3))
     with pytest.warns(UnclaimedHeadOutputWarning):

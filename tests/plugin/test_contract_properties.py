@@ -119,8 +119,10 @@ class Contract(RuleBasedStateMachine):
         total = self.criterion(TRANSFORMS[transform](forward.output), y)
         assert torch.isfinite(total)
         if training:  # paired with this forward's maps, not another's
-            core, _ = adst_targets(mask)
-            assert torch.allclose(self.criterion.last_terms["core"], functional.core_loss(forward.maps[0], core))
+            c = self.criterion.config
+            _, border = adst_targets(mask)
+            sdf = functional.signed_distance(border, mask, c.thresh_min, c.thresh_max)
+            assert torch.allclose(self.criterion.last_terms["sdf"], functional.sdf_loss(forward.maps[0], sdf))
             total.backward()
             self.model.zero_grad(set_to_none=True)
         else:

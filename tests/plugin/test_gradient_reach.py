@@ -36,15 +36,16 @@ GROUPS = {
 EXPORTED = ("encoder", "decoder", "segmentation_head")
 MODEL = frozenset(EXPORTED)
 TERMS = {weight: weight.removeprefix("w_") for weight in LOSS_WEIGHTS}  # w_core -> core
-#: The weight of each term: the main map's term is "core", or "sdf" with main_target="sdf".
+#: The weight of each term: the main map's term is "sdf" (the default main_target) or "core".
 WEIGHT_OF = {**{term: weight for weight, term in TERMS.items()}, "sdf": "w_core"}
 
 #: (row label, preset, wrap overrides, loss overrides) -> term -> the groups with a nonzero gradient.
 EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
     ("adst", "adst", (), ()): {
         "mask": MODEL,
-        # Deep supervision: the main map reads the live decoder output; the segmentation head is after the tap.
-        "core": frozenset({"encoder", "decoder", "head.main"}),
+        # Deep supervision towards the signed distance: the main map reads the live decoder output; the
+        # segmentation head is after the tap.
+        "sdf": frozenset({"encoder", "decoder", "head.main"}),
         # T = fusion(main read with fusion_grad=0, detached Laplacian of sigmoid(logits)): the fusion alone.
         "threshold": frozenset({"head.fusion"}),
         # B = sigmoid(k (P - T)) with T detached: the exported logits only.
@@ -57,18 +58,18 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "binary": MODEL | {"head.fusion"},  # also trains T, which stops at the main map (fusion_grad=0)
     },
     ("adst, feature_grad=0", "adst", (("feature_grad", 0.0),), ()): {
-        "core": frozenset({"head.main"}),  # the head trains alone
+        "sdf": frozenset({"head.main"}),  # the head trains alone
         "threshold": frozenset({"head.fusion"}),
         "binary": MODEL,
     },
     ("adst, fusion_grad=1 (reference wiring)", "adst", (("fusion_grad", 1.0),), ()): {
-        "core": frozenset({"encoder", "decoder", "head.main"}),
+        "sdf": frozenset({"encoder", "decoder", "head.main"}),
         # the reference's wiring: T's loss trains the main branch and, through it, the features
         "threshold": frozenset({"encoder", "decoder", "head.main", "head.fusion"}),
         "binary": MODEL,
     },
-    ("adst, main_target=sdf", "adst", (("main_target", "sdf"),), ()): {
-        "sdf": frozenset({"encoder", "decoder", "head.main"}),  # deep supervision towards the signed distance
+    ("adst, main_target=core", "adst", (("main_target", "core"),), ()): {
+        "core": frozenset({"encoder", "decoder", "head.main"}),  # deep supervision towards the shrunk core
     },
     ("adst, threshold_target=symmetric", "adst", (("threshold_target", "symmetric"),), ()): {
         "threshold": frozenset({"head.fusion"}),  # another target for T, the same path
@@ -76,13 +77,13 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
     },
     ("adst, multiclass (C = 3)", "adst", (), (("mode", "multiclass"),)): {
         "mask": MODEL,
-        "core": frozenset({"encoder", "decoder", "head.main"}),  # classes 1 and 2 of the main map
+        "sdf": frozenset({"encoder", "decoder", "head.main"}),  # classes 1 and 2 of the main map
         "threshold": frozenset({"head.fusion"}),
         "binary": MODEL,  # the softmax probability of each lesion class: every logit channel
     },
     ("adst, multilabel (C = 3)", "adst", (), (("mode", "multilabel"),)): {
         "mask": MODEL,
-        "core": frozenset({"encoder", "decoder", "head.main"}),
+        "sdf": frozenset({"encoder", "decoder", "head.main"}),
         "threshold": frozenset({"head.fusion"}),
         "binary": MODEL,
     },
@@ -121,6 +122,7 @@ def _cases() -> list:
 def test_every_weighted_term_of_every_preset_is_pinned():
     for name, config in PRESETS.items():
         weighted = {TERMS[w] for w in LOSS_WEIGHTS if getattr(config, w) > 0}
+        weighted = {config.main_target if t == "core" else t for t in weighted}  # the main map's term
         assert set(EXPECTED[(name, name, (), ())]) == weighted, name
 
 
@@ -182,9 +184,9 @@ def test_gradient_reach(key, term, used_by_the_model):
         assert _reached(grads, GROUPS[group]) == everything, f"{label}: {term} reaches part of {group}"
 
 
-def test_feature_grad_scales_the_core_terms_feature_gradient_exactly():
-    full = _grads("adst", "core")
-    half = _grads("adst", "core", wrap={"feature_grad": 0.5})
+def test_feature_grad_scales_the_main_terms_feature_gradient_exactly():
+    full = _grads("adst", "sdf")
+    half = _grads("adst", "sdf", wrap={"feature_grad": 0.5})
     for name in full:
         if name.startswith(("model.encoder.", "model.decoder.")):
             assert torch.allclose(half[name], 0.5 * full[name], rtol=1e-6, atol=1e-12), name

@@ -28,7 +28,11 @@ def expected_terms(criterion, logits, maps, y):
     c = criterion.config
     core, border = adst_targets(y)
     band = functional.band_weights(border, c.thresh_min, c.thresh_max)
-    terms = {"core": functional.core_loss(maps.main, core)}
+    if c.main_target == "sdf":
+        sdf = functional.signed_distance(border, y, c.thresh_min, c.thresh_max)
+        terms = {"sdf": functional.sdf_loss(maps.main, sdf)}
+    else:
+        terms = {"core": functional.core_loss(maps.main, core)}
     if c.fused_role == "mask":
         terms["edge"] = F.binary_cross_entropy_with_logits(maps.edge, border)
         terms["fused"] = DiceBCELoss()(maps.fused, y)
@@ -55,7 +59,7 @@ def test_total_is_the_weighted_sum_of_the_terms(preset):
     expected = c.w_mask * DiceBCELoss()(logits, y)
     for name, value in terms.items():
         assert torch.allclose(criterion.last_terms[name], value, atol=1e-5), name
-        expected = expected + getattr(c, f"w_{name}") * value
+        expected = expected + getattr(c, "w_core" if name == "sdf" else f"w_{name}") * value
     assert torch.allclose(total, expected, atol=1e-5)
     assert set(criterion.last_terms) == {"mask", "total", *terms}
 

@@ -37,8 +37,12 @@ def _expected_terms(mode: str, logits, maps, y, config) -> dict[str, torch.Tenso
     band = ((border - config.thresh_min) / (config.thresh_max - config.thresh_min)).clamp(0, 1)
     band[border >= config.thresh_max] = 1.0
     k = config.db_steepness
-    terms = {
-        "core": F.binary_cross_entropy_with_logits(main, core),
+    depth = 1.0 - band  # d / D, 0 on the boundary pixels
+    if config.main_target == "sdf":
+        terms = {"sdf": (torch.tanh(main) - torch.where(target > 0, depth, -depth)).abs().mean()}
+    else:
+        terms = {"core": F.binary_cross_entropy_with_logits(main, core)}
+    terms |= {
         "threshold": (torch.sigmoid(fused) - border).abs()[band > 0].mean(),
         "binary": F.binary_cross_entropy_with_logits(k * (probs - torch.sigmoid(fused)), target) / k,
     }
@@ -65,7 +69,8 @@ def test_total_is_the_weighted_sum_of_terms_computed_by_hand(mode):
     expected = expected_mask
     for name, value in _expected_terms(mode, logits, maps, y, criterion.config).items():
         torch.testing.assert_close(criterion.last_terms[name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
-        expected = expected + getattr(criterion.config, f"w_{name}") * value
+        weight = "w_core" if name == "sdf" else f"w_{name}"  # the main map's term, whichever its target
+        expected = expected + getattr(criterion.config, weight) * value
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -191,7 +196,7 @@ def test_predictions_on_ignored_pixels_change_no_auxiliary_gradient(mode, config
 def test_ignored_pixels_end_to_end():
     # Through the wrapper and the loss: each term averages over the labelled pixels only.
     y, ignored = _ignored_case("multiclass")
-    model = wrap_with_adst(tiny_model(3))
+    model = wrap_with_adst(tiny_model(3), main_target="core")  # the core term's BCE is checked by hand
     criterion = ADSTLoss(model, base_loss=smp_loss("multiclass", ignore_index=IGNORE))
     logits = model(images())
     maps = model._pending

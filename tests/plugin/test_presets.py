@@ -57,13 +57,14 @@ def test_every_preset_builds_trains_one_step_and_logs_its_terms(name):
     loss.backward()
     config = PRESETS[name]
     expected = {
-        "adst": {"mask", "core", "threshold", "binary", "total"},
+        "adst": {"mask", "sdf", "threshold", "binary", "total"},
         "paper": {"mask", "core", "edge", "fused", "total"},
         "legacy": {"mask", "core", "edge", "fused", "total"},
     }[name]
     assert set(criterion.last_terms) == expected
     # The logged total is the weighted sum of the logged terms (w_* of the one config).
-    weights = {"mask": config.w_mask, "core": config.w_core, "edge": config.w_edge, "fused": config.w_fused}
+    weights = {"mask": config.w_mask, "core": config.w_core, "sdf": config.w_core, "edge": config.w_edge}
+    weights["fused"] = config.w_fused
     weights.update({"threshold": config.w_threshold, "binary": config.w_binary, "boundary": config.w_boundary})
     total = sum(weights[k] * v for k, v in criterion.last_terms.items() if k != "total")
     assert torch.allclose(criterion.last_terms["total"], total)
@@ -79,8 +80,10 @@ def test_preset_contents():
     )
     assert (adst.w_edge, adst.w_fused) == (0.0, 0.0) and min(adst.w_threshold, adst.w_binary) > 0
     assert adst.w_boundary == 0.0  # built and tested, off by the study's evidence (docs/results.md, BUSI 2026-11-27)
+    # The main map regresses the signed distance (the boundary study's pick); the reference regresses the core.
+    assert (adst.main_target, paper.main_target, legacy.main_target) == ("sdf", "core", "core")
     # The logged name of the main map's term follows its target.
-    assert adst.term_names()["w_core"] == "core" and adst.replace(main_target="sdf").term_names()["w_core"] == "sdf"
+    assert adst.term_names()["w_core"] == "sdf" and paper.term_names()["w_core"] == "core"
     assert adst.term_names()["w_threshold"] == "threshold"
     # The threshold map is read off the main map without training it; the reference's wiring trains through.
     assert (adst.fusion_grad, paper.fusion_grad, legacy.fusion_grad) == (0.0, 1.0, 1.0)

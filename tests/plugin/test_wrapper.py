@@ -98,7 +98,7 @@ def test_tutorial_metrics_line_works_on_the_training_output(unet):
     tp, fp, fn, tn = smp.metrics.get_stats(pred_mask.long(), y.long(), mode="binary")
     iou = smp.metrics.iou_score(tp, fp, fn, tn, reduction="micro")
     assert torch.isfinite(loss) and 0 <= float(iou) <= 1
-    assert set(criterion.last_terms) >= {"mask", "core", "threshold", "binary", "total"}
+    assert set(criterion.last_terms) >= {"mask", "sdf", "threshold", "binary", "total"}
 
 
 def test_export_is_independent_of_the_wrapper(unet):
@@ -320,4 +320,4 @@ def test_training_flags_set_without_train_still_feed_the_head(unet):
     criterion = ADSTLoss(model)
     x, y = batch()
     criterion(model(x), y).backward()
-    assert "core" in criterion.last_terms and model.head.main[0].weight.grad is not None
+    assert "sdf" in criterion.last_terms and model.head.main[0].weight.grad is not None
