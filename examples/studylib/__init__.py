@@ -28,7 +28,9 @@ What it does:
   the decoded data); ``--measure-parallel`` times N = 1, 2, 4, 8 first and picks the smallest N within 5 % of
   the best throughput. ``--budget-min M`` starts no run that its measured seconds per epoch say would end after
   M minutes, and a run that falls behind stops (unsaved) at the deadline. Each finished run writes
-  ``OUT/runs/<dataset>/<arm>/seed<k>/result.json``; a rerun skips those.
+  ``OUT/runs/<dataset>/<arm>/seed<k>/result.json``, with the head settings its flags resolved to
+  (``adst_config``); a rerun skips those, and refuses a folder whose finished runs of an arm were trained with
+  other flags or other head settings (a preset whose defaults changed since).
 - **Report.** ``OUT/study.json`` and ``OUT/study.md``: per dataset and arm, test and validation Dice, IoU, HD95,
   boundary IoU, small-lesion recall and Dice (mean ± std over seeds); per arm against the baseline, the paired
   difference per seed, its mean, 95 % t-interval and better/n (``paired`` on test, ``paired_val`` on

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import shlex
@@ -158,21 +159,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     arm_flags = {a: registry[a] for a in arms}
     jobs = plan_jobs(datasets, arms, seeds)
-    results = load_finished(out, jobs, arm_flags)
+    cfg = StudyConfig(
+        out=str(out), device=str(device), amp=args.amp, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps,
+        patience=args.patience, augment=not args.no_augment, arm_flags=arm_flags, model_args=model_args,
+        cache_files=cache_files, img_size=args.img_size, passthrough=tuple(passthrough), split_seed=args.split_seed,
+        threads=1,
+    )  # fmt: skip
+    check_resume(out, cfg)  # the folder's shared settings first, then each finished run's model
+    results = load_finished(out, jobs, arm_flags, model_args)
     pending = [j for j in jobs if j not in results]
     if results:
         log(f"[study] resuming: {len(results)} finished runs skipped, {len(pending)} to go")
     candidates = [int(c) for c in args.parallel_candidates.split(",")] if args.measure_parallel and pending else []
     n_workers = max([args.parallel, *candidates]) if pending else 0
     cpu_count = os.cpu_count() or 1
-    cfg = StudyConfig(
-        out=str(out), device=str(device), amp=args.amp, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps,
-        patience=args.patience, augment=not args.no_augment, arm_flags=arm_flags, model_args=model_args,
-        cache_files=cache_files, img_size=args.img_size, passthrough=tuple(passthrough), split_seed=args.split_seed,
-        threads=args.threads or max(1, cpu_count // max(n_workers, 1)),
-    )  # fmt: skip
-    check_resume(out, cfg)
+    cfg = dataclasses.replace(cfg, threads=args.threads or max(1, cpu_count // max(n_workers, 1)))
 
     parallel, throughput, pool = 1, {}, None
     bar = tqdm(total=len(jobs), initial=len(results), desc="study", disable=args.no_progress, dynamic_ncols=True)

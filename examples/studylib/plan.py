@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import numpy as np
 from adst_examples.cli import positive_int
 from adst_examples.studylib.config import RESUME_KEYS, StudyConfig, UsageError
 from adst_examples.training.checkpoints import jsonable, write_json
+from adst_examples.training.models import CONFIG_FIELDS, head_settings
 
 __all__ = [
     "Job",
@@ -22,6 +24,7 @@ __all__ = [
     "parse_epochs",
     "plan_jobs",
     "read_results",
+    "recorded_head",
     "run_dir",
 ]
 
@@ -74,17 +77,87 @@ def read_results(out: Path) -> dict[Job, dict[str, Any]]:
     return results
 
 
-def load_finished(out: Path, jobs: Sequence[Job], arm_flags: dict[str, str]) -> dict[Job, dict[str, Any]]:
-    """The planned runs already finished in ``out``; one trained with other flags for its arm is an error."""
+def load_finished(
+    out: Path, jobs: Sequence[Job], arm_flags: dict[str, str], model_args: dict[str, dict[str, Any]] | None = None
+) -> dict[Job, dict[str, Any]]:
+    """The planned runs already finished in ``out``; one trained as another model than its arm's is an error.
+
+    With ``model_args`` (arm -> its parsed model flags) "the same model" means the same head settings (what the
+    flags resolve to: a preset whose defaults changed since the run is caught) and the same other model flags, so
+    an arm may spell a finished run's model with other flags (``--preset adst --main-target core`` for a run of
+    ``--preset adst`` made before 2026-12-03). Without it, the flags must be the same string.
+    """
     results = {}
     for job in jobs:
         path = run_dir(out, job) / "result.json"
-        if path.is_file():
-            res = json.loads(path.read_text(encoding="utf-8"))
-            if res.get("arm_flags") != arm_flags[job.arm]:
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text(encoding="utf-8"))
+        same_flags = res.get("arm_flags") == arm_flags[job.arm]
+        now = model_args[job.arm] if model_args is not None else None
+        then_head = recorded_head(res) if now is not None else _UNKNOWN
+        if then_head is _UNKNOWN:
+            if not same_flags:
                 raise UsageError(f"{path}: run with other flags for arm {job.arm!r}; use another --out")
-            results[job] = res
+        else:
+            now_head = head_settings(argparse.Namespace(**now))
+            if not same_flags and (then_head != now_head or not _same_other_args(res["model_args"], now)):
+                raise UsageError(f"{path}: run with other flags for arm {job.arm!r}; use another --out")
+            _check_head(path, job.arm, arm_flags[job.arm], then_head, now_head)
+        results[job] = res
     return results
+
+
+_UNKNOWN: Any = object()
+
+
+def recorded_head(res: dict[str, Any]) -> Any:
+    """The head settings a finished run was trained with (``None``: no ADST head; ``_UNKNOWN`` if unrecorded).
+
+    Runs from before the settings were recorded (no ``adst_config``) are resolved from their model flags as today,
+    except the one default that changed since: ``--preset adst`` meant ``main_target="core"`` until 2026-12-03.
+    """
+    if "adst_config" in res:
+        return res["adst_config"]
+    args = res.get("model_args", {})
+    if not {"no_adst", "preset"} <= set(args):
+        return _UNKNOWN
+    try:
+        head = head_settings(argparse.Namespace(**{f: None for f in CONFIG_FIELDS} | args))
+    except (TypeError, ValueError):
+        return _UNKNOWN
+    legacy = head is not None and args["preset"] == "adst" and args.get("main_target") is None
+    return {**head, "main_target": "core"} if legacy else head
+
+
+def _same_other_args(then: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The recorded model flags that are not head settings match today's (architecture, encoder, loss, peers)."""
+    skip = {*CONFIG_FIELDS, "preset"}
+    return all(now.get(k) == v for k, v in then.items() if k not in skip)
+
+
+def _check_head(path: Path, arm: str, flags: str, then: dict[str, Any] | None, now: dict[str, Any] | None) -> None:
+    if then == now:
+        return
+    if then is None or now is None:
+        changed = "an ADST head" if then is None else "no ADST head"
+        raise UsageError(f"{path}: arm {arm!r} now builds {changed}; use another --out")
+    keys = [k for k in sorted(now) if then.get(k) != now[k]]
+    diffs = ", ".join(f"{k}: {then.get(k)!r} then, {now[k]!r} now" for k in keys)
+    pins = " ".join(_flag(k, then.get(k)) for k in keys)
+    raise UsageError(
+        f"{path}: arm {arm!r} was trained with other head settings ({diffs}): a preset's defaults changed since. "
+        f"To continue those runs, spell their head: --arm '{arm}={flags} {pins}'; or use another --out, "
+        "or --report-only to report the folder"
+    )
+
+
+def _flag(field: str, value: Any) -> str:
+    """The model flag that sets an ADSTConfig field to ``value`` (``--main-target core``, ``--no-detach-threshold``)."""
+    name = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
 
 
 def check_resume(out: Path, cfg: StudyConfig) -> None:

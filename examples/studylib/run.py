@@ -23,7 +23,7 @@ from adst_examples.training.checkpoints import seed_everything
 from adst_examples.training.distributed import resolve_amp
 from adst_examples.training.engine import Optimisation, default_lr, steps_per_epoch, train_epoch
 from adst_examples.training.evaluation import VALIDATION_METRICS, evaluate, selection_metric
-from adst_examples.training.models import build_criterion, build_model, export_model
+from adst_examples.training.models import build_criterion, build_model, export_model, head_settings
 
 __all__ = ["build_run", "train_run"]
 
@@ -110,6 +110,7 @@ def train_run(
         "model_args": {
             k: v for k, v in cfg.model_args[job.arm].items() if isinstance(v, (int, float, str, bool, type(None)))
         },
+        "adst_config": head_settings(argparse.Namespace(**cfg.model_args[job.arm])),
         "epochs": epochs,
         "epochs_run": len(history),
         "best_epoch": best_epoch,

@@ -41,6 +41,7 @@ __all__ = [
     "config_overrides",
     "count_params",
     "export_model",
+    "head_settings",
 ]
 
 #: smp architectures: lower-case key (what ``smp.create_model`` accepts) → class name (what users type).
@@ -129,6 +130,15 @@ def check_model_args(args: argparse.Namespace) -> None:
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ADSTConfig fields given on the command line (the rest keep the preset's values)."""
     return {name: getattr(args, name) for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
+
+
+def head_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The resolved :class:`~adst_plugin.ADSTConfig` of an ADST arm as a dict (``None`` for ``--no-adst``).
+
+    A preset's defaults can change between releases, so a run records what its flags resolved to on the day."""
+    if args.no_adst:
+        return None
+    return dataclasses.asdict(get_config(args.preset, **config_overrides(args)))
 
 
 def _check_classes(args: argparse.Namespace, classes: int) -> None:

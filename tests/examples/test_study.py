@@ -3,6 +3,7 @@ report and its rule, report-only, resume, and the device script's rehearsal."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,8 +20,11 @@ import pytest
 from scipy import stats as sps
 
 import adst_examples.studylib as study
+from adst_examples.studylib.plan import load_finished, recorded_head, run_dir
 from adst_examples.studylib.report import _convergence
-from adst_examples.training.checkpoints import jsonable
+from adst_examples.training.checkpoints import jsonable, write_json
+from adst_examples.training.models import head_settings
+from adst_plugin import get_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -262,6 +266,14 @@ def test_device_script_rehearsal_and_resume(tmp_path: Path) -> None:
     # A different setting in the same folder is refused rather than mixed in.
     with pytest.raises(study.UsageError, match="other settings"):
         study.main([*argv, "--lr", "0.5"])
+    # Each run records the head its flags resolved to; a run made under other preset defaults is refused.
+    by_arm = {p.parent.parent.name: p for p in results}
+    assert json.loads(by_arm["baseline"].read_text())["adst_config"] is None
+    adst_run = json.loads(by_arm["adst"].read_text())
+    assert adst_run["adst_config"] == dataclasses.asdict(get_config("adst"))
+    write_json(by_arm["adst"], {**adst_run, "adst_config": {**adst_run["adst_config"], "main_target": "core"}})
+    with pytest.raises(study.UsageError, match="main_target: 'core' then, 'sdf' now"):
+        study.main(argv)
     assert math.isfinite(again["wall_s"])
 
 
@@ -456,3 +468,51 @@ def test_a_killed_study_leaves_no_worker_training(tmp_path, watch):
         parent.kill()
         if _running(child):
             os.kill(child, 9)
+
+
+def _args(flags: str) -> Any:
+    return study.parse_model_flags(["--encoder", "resnet18", *shlex.split(flags)], "test arm")
+
+
+@pytest.mark.parametrize(
+    ("flags", "then_target"),
+    [("--preset adst", "core"), ("--preset adst --main-target sdf", "sdf"), ("--preset adst --main-target core",
+     "core"), ("--preset paper", "core")],
+)  # fmt: skip
+def test_runs_from_before_the_recorded_settings_resolve_to_the_preset_of_their_day(flags: str, then_target: str):
+    args = _args(flags)
+    today = head_settings(args)
+    res = {"model_args": vars(args)}  # what result.json held before ``adst_config``
+    assert recorded_head(res) == {**today, "main_target": then_target}
+    assert recorded_head({**res, "adst_config": today}) == today  # a recorded run is read as recorded
+    assert recorded_head({"model_args": vars(_args("--no-adst"))}) is None
+
+
+def _legacy_run(tmp_path: Path, job: Any, flags: str) -> Path:
+    path = run_dir(tmp_path, job) / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {**_result(job.dataset, job.arm, job.seed, 0.8, 0.8), "arm_flags": flags,
+                      "model_args": vars(_args(flags))})  # fmt: skip
+    return path
+
+
+def test_resume_refuses_a_run_of_the_same_flags_with_another_head(tmp_path: Path) -> None:
+    job = study.Job("busi", "adst", 0)
+    now = {"adst": vars(_args("--preset adst"))}
+    path = _legacy_run(tmp_path, job, "--preset adst")  # made when the preset meant main_target="core"
+    with pytest.raises(study.UsageError, match=r"arm 'adst' was trained with other head settings \(main_target") as err:
+        load_finished(tmp_path, [job], {"adst": "--preset adst"}, now)
+    assert "--arm 'adst=--preset adst --main-target core'" in str(err.value)  # the action it names works:
+    # The same run, spelled with today's flags for its head, resumes.
+    pinned = "--preset adst --main-target core"
+    assert set(load_finished(tmp_path, [job], {"adst": pinned}, {"adst": vars(_args(pinned))})) == {job}
+    # Other flags that spell another model are refused, as is a run recorded with another head.
+    other = "--preset adst --main-target core --head-stride 1"
+    with pytest.raises(study.UsageError, match="run with other flags"):
+        load_finished(tmp_path, [job], {"adst": other}, {"adst": vars(_args(other))})
+    with pytest.raises(study.UsageError, match="run with other flags"):
+        load_finished(tmp_path, [job], {"adst": pinned}, {"adst": vars(_args(pinned + " --encoder resnet34"))})
+    write_json(path, {**json.loads(path.read_text()), "adst_config": head_settings(_args("--preset adst"))})
+    assert set(load_finished(tmp_path, [job], {"adst": "--preset adst"}, now)) == {job}
+    with pytest.raises(study.UsageError, match="now builds no ADST head"):
+        load_finished(tmp_path, [job], {"adst": "--preset adst"}, {"adst": vars(_args("--preset adst --no-adst"))})
