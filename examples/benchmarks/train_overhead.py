@@ -3,6 +3,7 @@
     python examples/benchmarks/train_overhead.py                       # Unet-resnet34, 256², batch 8
     python examples/benchmarks/train_overhead.py --all-archs --size 128 --batch 4 --steps 10
     python examples/benchmarks/train_overhead.py --breakdown             # where the extra time goes
+    python examples/benchmarks/train_overhead.py --also-main-target core # two main-map targets, one loop
 
 Steps are interleaved A/B/A/B after a warm-up; the ratio of the medians is printed. Each step is the training
 engine's :func:`~adst_examples.training.engine.train_step`, the one train.py and the study run (forward under
@@ -28,16 +29,18 @@ from adst_examples.training.models import count_params
 from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTLoss, wrap_with_adst
 from adst_plugin.head import HeadMaps
 from adst_plugin.hooks import resolve_module
-from adst_plugin.presets import HEAD_INPUTS
+from adst_plugin.presets import HEAD_INPUTS, MAIN_TARGETS
 from adst_plugin.targets import adst_targets
 from adst_plugin.terms import aux_terms
+
+#: The ADSTConfig fields the command line can set (the rest are the preset's).
+OVERRIDES = ("head_input", "head_stride", "feature_grad", "main_target")
 
 
 def adst_config(args: argparse.Namespace) -> str:
     config = PRESETS[args.preset]
     return ", ".join(
-        f"{k} {getattr(args, k) if getattr(args, k) is not None else getattr(config, k)}"
-        for k in ("head_input", "head_stride", "feature_grad")
+        f"{k} {getattr(args, k) if getattr(args, k) is not None else getattr(config, k)}" for k in OVERRIDES
     )
 
 
@@ -50,8 +53,8 @@ def flops(fn) -> int:
 def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
     base = build_plain_model(arch, args.encoder, args.in_channels)
     plain = copy.deepcopy(base).to(device)
-    overrides = {k: v for k in ("head_input", "head_stride", "feature_grad") if (v := getattr(args, k)) is not None}
-    adst = wrap_with_adst(base, args.preset, **overrides).to(device)
+    overrides = {k: v for k in OVERRIDES if (v := getattr(args, k)) is not None}
+    adst = wrap_with_adst(copy.deepcopy(base), args.preset, **overrides).to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     plain, adst = plain.to(memory_format=fmt), adst.to(memory_format=fmt)
     generator = torch.Generator().manual_seed(0)
@@ -71,6 +74,10 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
 
     # The plain model's loss is what train.py builds for --no-adst: ADSTLoss without a model (Dice + BCE).
     steps = {"plain": step_fn(plain, ADSTLoss(None)), "adst": step_fn(adst, ADSTLoss(adst))}
+    if args.also_main_target:  # a second ADST head, timed in the same interleaved loop
+        other = wrap_with_adst(copy.deepcopy(base), args.preset, **(overrides | {"main_target": args.also_main_target}))
+        other = other.to(device).to(memory_format=fmt)
+        steps["also"] = step_fn(other, ADSTLoss(other))
     if args.breakdown:
         steps.update(part_fns(plain, adst, x, y))
     medians = interleaved_medians(steps, args.steps, args.warmup)
@@ -80,6 +87,7 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
         "plain_s": medians["plain"],
         "adst_s": medians["adst"],
         "ratio": medians["adst"] / medians["plain"],
+        "also_s": medians.get("also"),
         "head_params": count_params(adst.head),
         "model_params": count_params(plain),
         "head_gflops": head_flops / 1e9,
@@ -139,6 +147,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--head-input", choices=HEAD_INPUTS, help="[the preset's]")
     parser.add_argument("--head-stride", type=int, help="[the preset's]")
     parser.add_argument("--feature-grad", type=float, help="gradient scale into the features [the preset's]")
+    parser.add_argument("--main-target", choices=MAIN_TARGETS, help="[the preset's]")
+    parser.add_argument("--also-main-target", choices=MAIN_TARGETS, help="time a second ADST step with this main "
+                        "target in the same loop (its ratio to the plain step is printed too)")  # fmt: skip
     parser.add_argument("--breakdown", action="store_true", help="also time the head, targets and terms alone")
     args = parser.parse_args(argv)
     if args.threads:
@@ -159,6 +170,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {r['arch']} | {r['plain_s']:.3f} | {r['adst_s']:.3f} | {r['ratio']:.2f}x | {r['head_params']:,} "
             f"| {r['model_params']:,} | {r['head_gflops']:.2f} |"
         )
+    for r in rows:
+        if r["also_s"] is not None:
+            print(f"\n{r['arch']}, main_target {args.also_main_target} in the same loop: {r['also_s']:.3f} s/step, "
+                  f"{r['also_s'] / r['plain_s']:.2f}x the plain step, {r['also_s'] / r['adst_s']:.2f}x the ADST step "
+                  "above")  # fmt: skip
     for r in rows:
         if r["parts"]:
             extra = r["adst_s"] - r["plain_s"]
