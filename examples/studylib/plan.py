@@ -14,7 +14,7 @@ import numpy as np
 from adst_examples.cli import positive_int
 from adst_examples.studylib.config import RESUME_KEYS, StudyConfig, UsageError
 from adst_examples.training.checkpoints import jsonable, write_json
-from adst_examples.training.models import CONFIG_FIELDS, head_settings
+from adst_examples.training.models import CONFIG_FIELDS, config_flag, head_settings
 
 __all__ = [
     "Job",
@@ -78,15 +78,16 @@ def read_results(out: Path) -> dict[Job, dict[str, Any]]:
 
 
 def load_finished(
-    out: Path, jobs: Sequence[Job], arm_flags: dict[str, str], model_args: dict[str, dict[str, Any]] | None = None
+    out: Path, jobs: Sequence[Job], arm_flags: dict[str, str], model_args: dict[str, dict[str, Any]]
 ) -> dict[Job, dict[str, Any]]:
     """The planned runs already finished in ``out``; one trained as another model than its arm's is an error.
 
-    With ``model_args`` (arm -> its parsed model flags) "the same model" means the same head settings (what the
-    flags resolve to: a preset whose defaults changed since the run is caught) and the same other model flags, so
-    an arm may spell a finished run's model with other flags (``--preset adst --main-target core`` for a run of
-    ``--preset adst`` made before 2026-12-03). Without it, the flags must be the same string.
+    ``model_args`` (arm -> its parsed model flags) says what "the same model" is: the same head settings (what the
+    flags resolve to, so a preset whose defaults changed since the run is caught) and the same other model flags.
+    An arm may so spell a finished run's model with other flags (``--preset adst --main-target core`` for a run of
+    ``--preset adst`` made before 2026-12-03). A run whose head cannot be told needs the same flags string.
     """
+    heads = {arm: head_settings(argparse.Namespace(**model_args[arm])) for arm in {job.arm for job in jobs}}
     results = {}
     for job in jobs:
         path = run_dir(out, job) / "result.json"
@@ -94,16 +95,12 @@ def load_finished(
             continue
         res = json.loads(path.read_text(encoding="utf-8"))
         same_flags = res.get("arm_flags") == arm_flags[job.arm]
-        now = model_args[job.arm] if model_args is not None else None
-        then_head = recorded_head(res) if now is not None else _UNKNOWN
-        if then_head is _UNKNOWN:
-            if not same_flags:
-                raise UsageError(f"{path}: run with other flags for arm {job.arm!r}; use another --out")
-        else:
-            now_head = head_settings(argparse.Namespace(**now))
-            if not same_flags and (then_head != now_head or not _same_other_args(res["model_args"], now)):
-                raise UsageError(f"{path}: run with other flags for arm {job.arm!r}; use another --out")
-            _check_head(path, job.arm, arm_flags[job.arm], then_head, now_head)
+        then_head = recorded_head(res)
+        same_model = then_head is not _UNKNOWN and then_head == heads[job.arm]
+        if not same_flags and not (same_model and _same_other_args(res["model_args"], model_args[job.arm])):
+            raise UsageError(f"{path}: run with other flags for arm {job.arm!r}; use another --out")
+        if then_head is not _UNKNOWN:
+            _check_head(path, job.arm, arm_flags[job.arm], then_head, heads[job.arm])
         results[job] = res
     return results
 
@@ -154,10 +151,10 @@ def _check_head(path: Path, arm: str, flags: str, then: dict[str, Any] | None, n
 
 def _flag(field: str, value: Any) -> str:
     """The model flag that sets an ADSTConfig field to ``value`` (``--main-target core``, ``--no-detach-threshold``)."""
-    name = field.replace("_", "-")
+    flag = config_flag(field)
     if isinstance(value, bool):
-        return f"--{name}" if value else f"--no-{name}"
-    return f"--{name} {value}"
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {value}"
 
 
 def check_resume(out: Path, cfg: StudyConfig) -> None:

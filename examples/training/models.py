@@ -38,6 +38,7 @@ __all__ = [
     "build_criterion",
     "build_model",
     "check_model_args",
+    "config_flag",
     "config_overrides",
     "count_params",
     "export_model",
@@ -97,7 +98,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     default = PRESETS[DEFAULT_PRESET]
     for name in CONFIG_FIELDS:
         value = getattr(default, name)
-        flag = "--" + name.replace("_", "-")
+        flag = config_flag(name)
         help_text = f"ADSTConfig.{name} [preset; {DEFAULT_PRESET}: {value}]"
         if isinstance(value, bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -105,6 +106,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
             g.add_argument(flag, type=type(value), choices=_CHOICES.get(name), default=None, help=help_text)
     add_peer_arguments(parser)
     return g
+
+
+def config_flag(name: str) -> str:
+    """The command-line flag of an ADSTConfig field (``main_target`` -> ``--main-target``)."""
+    return "--" + name.replace("_", "-")
 
 
 def check_model_args(args: argparse.Namespace) -> None:
