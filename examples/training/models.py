@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -19,6 +20,7 @@ from torch import nn
 
 from adst_examples.deep_supervision import DeepSupervisionLoss, DeepSupervisionModel
 from adst_examples.peers import AuxFCNLoss, AuxFCNModel, add_peer_arguments, build_loss
+from adst_examples.training.encoder_weights import build_smp_model
 from adst_plugin import (
     DEFAULT_PRESET,
     PRESETS,
@@ -75,7 +77,13 @@ def _encoder(name: str) -> str:
 
 
 def _weights(value: str) -> str | None:
-    return None if value.lower() in ("", "none", "null") else value
+    if value.lower() in ("", "none", "null"):
+        return None
+    if value == "imagenet" or Path(value).is_file():
+        return value
+    raise argparse.ArgumentTypeError(
+        f"expected 'imagenet', 'none' or an encoder checkpoint file, got {value!r} (no such file)"
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -88,7 +96,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         "--arch", type=_arch, default="Unet", help=f"smp architecture: {', '.join(ARCHS.values())} [%(default)s]"
     )
     g.add_argument("--encoder", type=_encoder, default="resnet34", help="smp encoder name [%(default)s]")
-    g.add_argument("--encoder-weights", type=_weights, default=None, help="e.g. imagenet (needs a download)")
+    g.add_argument(
+        "--encoder-weights",
+        type=_weights,
+        default=None,
+        help="imagenet (offline for tu-efficientnet_lite0 with the 'pretrained' extra, else smp's download) or a "
+        "checkpoint file of the encoder or its classifier; the ImageNet mean/std are folded into the stem, so "
+        "images stay in [0, 1] [random init]",
+    )
 
     g = parser.add_argument_group("ADST head and loss (defaults: the preset's values, see adst_plugin/presets.py)")
     g.add_argument("--no-adst", action="store_true", help="train the plain model (baseline)")
@@ -165,10 +180,7 @@ def build_model(args: argparse.Namespace, in_channels: int, classes: int = 1) ->
     """The smp model with ``classes`` outputs (1: binary; C > 1: multiclass, softmax), wrapped with the ADST head
     unless ``--no-adst`` (or with the peer head, ``--aux-fcn``)."""
     _check_classes(args, classes)
-    model = smp.create_model(
-        args.arch, encoder_name=args.encoder, encoder_weights=args.encoder_weights, in_channels=in_channels,
-        classes=classes,
-    )  # fmt: skip
+    model = build_smp_model(args.arch, args.encoder, args.encoder_weights, in_channels, classes)
     if not args.no_adst:
         return wrap_with_adst(model, args.preset, **config_overrides(args))
     if args.aux_fcn > 0 and args.deep_supervision:
