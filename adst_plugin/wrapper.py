@@ -76,6 +76,14 @@ def _split_output(output: Any, classes: int = 1) -> tuple[Tensor, Tensor | None]
     return masks, labels
 
 
+def _drop_weight_download(model: nn.Module) -> None:
+    # smp.from_pretrained builds the model from its saved config before loading the saved weights; a config that
+    # still says encoder_weights="imagenet" would download the ImageNet encoder first, and fail offline.
+    config = getattr(model, "_hub_mixin_config", None)
+    if isinstance(config, dict) and config.get("encoder_weights") is not None:
+        config["encoder_weights"] = None
+
+
 class HeadWrapper(nn.Module):
     """A model plus a training-only head read through one forward hook; the plumbing every such wrapper shares.
 
@@ -186,9 +194,13 @@ class HeadWrapper(nn.Module):
 
     def export(self) -> nn.Module:
         """A standalone deep copy of the wrapped model, in eval mode: same class, same state-dict keys,
-        no hooks of ours, no head. The wrapper is untouched and can keep training."""
+        no hooks of ours, no head. The wrapper is untouched and can keep training.
+
+        The copy's smp config records ``encoder_weights=None``: its trained weights are in its ``state_dict``, so the
+        folder ``save_pretrained`` writes reloads with ``smp.from_pretrained`` without a network."""
         plain = copy.deepcopy(self.model)
         strip_captures(plain)
+        _drop_weight_download(plain)
         return plain.eval()
 
     def plain_state_dict(self) -> dict[str, Tensor]:
