@@ -130,19 +130,18 @@ def map_to_encoder(
     for prefix in _PREFIXES:
         mapped, rest = {}, []
         for name, value in checkpoint.items():
-            new = add + name[len(prefix) :] if name.startswith(prefix) else None
+            new = add + name[len(prefix) :] if name.startswith(prefix) else name
             if new in keys:
                 mapped[new] = value
             else:
-                rest.append(name)
+                rest.append(new)  # under the encoder's naming, to tell the classifier's tensors by name
         if len(mapped) > len(best):
             best, unused = mapped, rest
     if not best and "_conv_stem.weight" in checkpoint and add:  # EfficientNet-PyTorch layout: by order onto timm's
         full = timm.create_model(encoder_name[3:], pretrained=False).state_dict()
         by_order = order_mapped(checkpoint, full, where)
         best = {"model." + k: v for k, v in by_order.items() if "model." + k in keys}
-        unused = [k for k in by_order if "model." + k not in keys]
-        is_classifier = lambda key: "model." + key not in keys  # noqa: E731 (the rest is timm's classifier)
+        unused = ["model." + k for k in by_order if "model." + k not in keys]  # timm's classifier, by construction
     missing = [k for k in own if k not in best]
     if missing:
         raise ValueError(

@@ -10,12 +10,12 @@ import torch
 from adst_plugin import wrap_with_adst
 
 
-class DownloadBlocked(RuntimeError):
+class DownloadBlockedError(RuntimeError):
     pass
 
 
 def _block(*args, **kwargs):
-    raise DownloadBlocked(f"download attempted: {args} {kwargs}")
+    raise DownloadBlockedError(f"download attempted: {args} {kwargs}")
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_exported_folder_reloads_offline_with_identical_outputs(imagenet_built, 
 def test_unexported_model_would_download(imagenet_built, monkeypatch, tmp_path):
     # The failure export() prevents: smp's own save of such a model reloads only with a network.
     imagenet_built.save_pretrained(tmp_path / "plain")
-    with pytest.raises(DownloadBlocked):
+    with pytest.raises(DownloadBlockedError):
         _reload_blocked(monkeypatch, tmp_path / "plain")
 
 
