@@ -10,11 +10,13 @@ the loss terms (``functional``) and their module (``loss``), the ``presets`` tha
 ``hooks`` and ``wrapper`` that attach and remove them.
 """
 
+from typing import Any
+
 from . import constants, functional, modes, presets, targets
 from ._handover import UnclaimedHeadOutputWarning
 from .collate import ADSTTargetCollate
 from .convglu import ConvGLU
-from .head import ADSTHead, ADSTOutput, FusionMap, HeadMaps, MainThresholdMap
+from .head import ADSTHead, ADSTOutput, FusionMap, HeadMaps, MainMap, renamed_attribute
 from .hooks import FeatureTap
 from .laplacian import LaplacianEdge, edge_map, laplacian_pyramid
 from .loss import ADSTLoss, DiceBCELoss, DiceCELoss
@@ -44,7 +46,7 @@ __all__ = [
     "FusionMap",
     "HeadMaps",
     "LaplacianEdge",
-    "MainThresholdMap",
+    "MainMap",
     "UnclaimedHeadOutputWarning",
     "__version__",
     "adst_targets",
@@ -61,3 +63,7 @@ __all__ = [
     "targets",
     "wrap_with_adst",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    return renamed_attribute(__name__, name)  # former names (head.RENAMED), with a DeprecationWarning

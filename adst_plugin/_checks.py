@@ -1,6 +1,10 @@
-"""Input validation. The only place that builds shape/dtype/value error messages.
+"""Input validation shared by the package: tensors and masks (shape, dtype, values), and the numeric and named
+parameters of the config, the head and the targets (:func:`check_int`, :func:`check_number`, :func:`check_choice`,
+:func:`check_thresholds`), so one rule gives one message wherever it applies. Checks that belong to one contract
+(the smp modes, the hand-over between a wrapper and its loss) stay with it.
 
-Messages follow ``"<where>: expected <what>, got <actual>[. <fix>]"``.
+Messages follow ``"<where>: expected <what>, got <actual>[. <fix>]"``; a wrong type raises ``TypeError``, a wrong
+value ``ValueError``.
 
 A validator reads its value check's verdict back to the host through :func:`values_ok`, once per call: on an
 accelerator that read waits for the device (a sync). Inside :func:`deferred_value_checks` the verdict is collected
@@ -13,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -46,6 +51,66 @@ def deferred_value_checks() -> Iterator[list[Tensor]]:
         yield verdicts
     finally:
         _DEFERRED.reset(token)
+
+
+def check_int(value: Any, name: str, where: str, minimum: int = 1) -> int:
+    """Check that ``value`` is an int (not a bool) ``>= minimum``; return it."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{where}: expected {name} to be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{where}: expected {name} to be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(
+    value: Any,
+    name: str,
+    where: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> float:
+    """Check that ``value`` is a real number (not a bool, not NaN) in the interval the bounds give; return it.
+
+    Example:
+        >>> check_number(1.5, "feature_grad", "ADSTConfig", low=0, high=1)
+        Traceback (most recent call last):
+        ValueError: ADSTConfig: expected 0 <= feature_grad <= 1, got 1.5
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{where}: expected {name} to be a real number, got {type(value).__name__}")
+    above = low is None or (value > low if open_low else value >= low)
+    below = high is None or (value < high if open_high else value <= high)
+    if not (above and below):  # NaN fails every comparison
+        below_op, above_op = "<" if open_high else "<=", ">" if open_low else ">="
+        if low is not None and high is not None:
+            bounds = f"{low:g} {'<' if open_low else '<='} {name} {below_op} {high:g}"
+        else:
+            bounds = f"{name} {above_op} {low:g}" if low is not None else f"{name} {below_op} {high:g}"
+        raise ValueError(f"{where}: expected {bounds}, got {value!r}")
+    return float(value)
+
+
+def check_thresholds(thresh_min: Any, thresh_max: Any, where: str) -> None:
+    """Check the border map's range: ``0 <= thresh_min < thresh_max <= 1``."""
+    for name, value in (("thresh_min", thresh_min), ("thresh_max", thresh_max)):
+        check_number(value, name, where)
+    if not 0.0 <= thresh_min < thresh_max <= 1.0:
+        raise ValueError(
+            f"{where}: expected 0 <= thresh_min < thresh_max <= 1, got thresh_min={thresh_min!r}, "
+            f"thresh_max={thresh_max!r}"
+        )
+
+
+def check_choice(value: Any, valid: tuple[str, ...], name: str, where: str) -> str:
+    """Check that ``value`` is one of the ``valid`` names; return it."""
+    if not isinstance(value, str):
+        raise TypeError(f"{where}: expected {name} to be one of {valid}, got {type(value).__name__}")
+    if value not in valid:
+        raise ValueError(f"{where}: unknown {name} {value!r}; valid options are {valid}")
+    return value
 
 
 def check_bchw(x: Any, name: str, where: str, channels: int | None = None) -> Tensor:

@@ -18,29 +18,36 @@ multiclass mode the background channel (0) of the main and threshold maps carrie
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import warnings
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_choice, check_int, check_number
 from .constants import HEAD_STRIDE, HIDDEN_CHANNELS
 from .convglu import ConvGLU
 from .functional import grad_scale
 from .laplacian import LaplacianEdge
-from .modes import MULTICLASS_MODE, check_mode
+from .modes import MODES, MULTICLASS_MODE, check_mode
 from .presets import EDGE_INPUTS
 from .saca import SACA
 
-__all__ = ["ADSTHead", "ADSTOutput", "FusionMap", "HeadMaps", "MainThresholdMap"]
+__all__ = ["RENAMED", "ADSTHead", "ADSTOutput", "FusionMap", "HeadMaps", "MainMap", "renamed_attribute"]
+
+#: Former names of this module's classes: importable for one more release, with a ``DeprecationWarning``.
+RENAMED = {"MainThresholdMap": "MainMap"}
+#: What the head's ``mode_code`` buffer holds: 0 while the mode is unknown, else 1 + its index in ``MODES``.
+_MODE_CODES = (None, *MODES)
 
 
 class HeadMaps(NamedTuple):
     """The head's three logit maps, each (B, C, H, W) (C: the model's classes).
 
     Attributes:
-        main: main threshold map, supervised by the signed distance to the edge (default) or the core map.
-        edge: edge threshold map (Laplacian high-pass of the mask logits or probabilities).
+        main: the main map, regressing what ``main_target`` names: the signed distance to the edge or the core map.
+        edge: the edge map (Laplacian high-pass of the mask logits or probabilities).
         fused: fusion of main and edge: threshold map T, or mask logits (paper).
     """
 
@@ -80,8 +87,10 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list
     ]
 
 
-class MainThresholdMap(nn.Sequential):
-    """conv(C_in -> h) -> BN -> ReLU -> SACA -> BN -> ReLU -> conv(h -> classes).
+class MainMap(nn.Sequential):
+    """conv(C_in -> h) -> BN -> ReLU -> SACA -> BN -> ReLU -> conv(h -> classes): the main map's branch.
+
+    What its output regresses is the loss's choice (``ADSTConfig.main_target``), not the module's.
 
     Shape:
         (B, in_channels, h, w) -> (B, classes, h, w)
@@ -166,24 +175,33 @@ class ADSTHead(nn.Module):
         mode: str | None = None,
     ):
         super().__init__()
-        if not isinstance(head_stride, int) or head_stride < 1:
-            raise ValueError(f"ADSTHead: expected head_stride to be an int >= 1, got {head_stride!r}")
-        if in_channels < 1:
-            raise ValueError(f"ADSTHead: expected in_channels >= 1, got {in_channels}")
-        if edge_input not in EDGE_INPUTS:
-            raise ValueError(f"ADSTHead: unknown edge_input {edge_input!r}; valid options are {EDGE_INPUTS}")
-        if not 0.0 <= float(fusion_grad) <= 1.0:
-            raise ValueError(f"ADSTHead: expected 0 <= fusion_grad <= 1, got {fusion_grad!r}")
-        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
-            raise ValueError(f"ADSTHead: expected classes to be an int >= 1, got {classes!r}")
-        self.main = MainThresholdMap(in_channels, hidden_channels, classes)
+        where = "ADSTHead"
+        head_stride = check_int(head_stride, "head_stride", where)
+        in_channels = check_int(in_channels, "in_channels", where)
+        edge_input = check_choice(edge_input, EDGE_INPUTS, "edge_input", where)
+        fusion_grad = check_number(fusion_grad, "fusion_grad", where, low=0.0, high=1.0)
+        classes = check_int(classes, "classes", where)
+        self.main = MainMap(in_channels, hidden_channels, classes)
         self.edge = LaplacianEdge()
         self.fusion = FusionMap(hidden_channels, head_stride, classes)
         self.head_stride = head_stride
         self.edge_input = edge_input
-        self.fusion_grad = float(fusion_grad)
+        self.fusion_grad = fusion_grad
         self.classes = classes
+        # The mode is state (ADSTLoss may set it after construction), so the state_dict holds it, as a code: a
+        # restored head turns logits into the same probability for its edge cue as the head that was saved.
+        self.register_buffer("mode_code", torch.zeros((), dtype=torch.uint8))
         self.mode = None if mode is None else check_mode(mode, classes, "ADSTHead")
+
+    @property
+    def mode(self) -> str | None:
+        """The smp mode, or None while it is unknown (a 1-class head needs none)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str | None) -> None:
+        self._mode = mode
+        self.mode_code.fill_(_MODE_CODES.index(mode))
 
     @property
     def in_channels(self) -> int:
@@ -218,6 +236,40 @@ class ADSTHead(nn.Module):
             )
         return torch.sigmoid(logits)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # The saved mode, if any, becomes the head's; a head that has one keeps it (a state_dict saved before the
+        # mode was part of it loads too), and a different one is an error.
+        key = prefix + "mode_code"
+        saved = _MODE_CODES[int(state_dict[key])] if key in state_dict else None
+        if saved is not None:
+            saved = check_mode(saved, self.classes, "ADSTHead.load_state_dict")
+            if self.mode is not None and self.mode != saved:
+                raise ValueError(
+                    f"ADSTHead.load_state_dict: expected the state of a {self.mode!r} head, got one saved in mode "
+                    f"{saved!r}. Load it before building the loss, into a model wrapped without mode= or with "
+                    f"mode={saved!r}."
+                )
+            self.mode = saved
+        state_dict[key] = self.mode_code.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
         mode = "" if self.classes == 1 else f", classes={self.classes}, mode={self.mode!r}"
         return f"head_stride={self.head_stride}, edge_input={self.edge_input!r}, fusion_grad={self.fusion_grad}{mode}"
+
+
+def renamed_attribute(module: str, name: str) -> Any:
+    """A module's ``__getattr__`` for the names in :data:`RENAMED`: warn, then return the class by its new name."""
+    if name not in RENAMED:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{name} is now {RENAMED[name]} (named after its role, whatever main_target it regresses); import "
+        f"{RENAMED[name]}: the old name goes in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return globals()[RENAMED[name]]
+
+
+def __getattr__(name: str) -> Any:
+    return renamed_attribute(__name__, name)

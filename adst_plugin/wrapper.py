@@ -20,12 +20,12 @@ on ``with`` exit, and when the wrapper is garbage-collected. ``export()`` hands 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_bchw
+from ._checks import check_bchw, check_int
 from ._handover import WARNS_WHEN_COMPILED, comes_from, mismatch_message, warn_unclaimed
 from .functional import grad_scale
 from .head import ADSTHead, ADSTOutput, HeadMaps
@@ -33,7 +33,20 @@ from .hooks import FeatureTap, _convs, feature_channels, resolve_module, strip_c
 from .modes import check_mode
 from .presets import DEFAULT_PRESET, ADSTConfig, get_config
 
-__all__ = ["ADSTModel", "HeadWrapper", "wrap_with_adst"]
+__all__ = ["ADSTModel", "HeadWrapper", "unwrap_model", "wrap_with_adst"]
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def unwrap_model(model: Any, cls: type[ModelT]) -> ModelT | None:
+    """The ``cls`` instance inside ``model``: ``model`` itself, or found behind DDP (``.module``) and
+    ``torch.compile`` (``._orig_mod``), up to four layers deep; None if there is none."""
+    for _ in range(4):
+        if isinstance(model, cls):  # not an attribute test: a compiled module forwards attribute look-ups
+            return model
+        inner = getattr(model, "module", None)
+        model = inner if isinstance(inner, nn.Module) else getattr(model, "_orig_mod", None)
+    return model if isinstance(model, cls) else None
 
 
 def _model_classes(model: nn.Module) -> int | None:
@@ -55,8 +68,7 @@ def _resolve_classes(model: nn.Module, classes: int | None, where: str) -> int:
     found = _model_classes(model)
     if classes is None:
         return 1 if found is None else found
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
-        raise ValueError(f"{where}: expected classes to be an int >= 1, got {classes!r}")
+    classes = check_int(classes, "classes", where)
     if found is not None and found != classes:
         raise ValueError(
             f"{where}: expected classes={classes} to match the model's segmentation head, got {found} output "
@@ -226,7 +238,7 @@ class ADSTModel(HeadWrapper):
     Args:
         model: the segmentation model (returns mask logits (B, C, H, W), or a tuple whose first item is them).
         config: the head and loss configuration.
-        in_channels: channels of the tapped features; inferred for smp models.
+        in_channels: channels of the tapped features (``head_input="features"`` only); inferred for smp models.
         classes: C, the model's output channels; read off smp models, else 1 unless given.
         mode: the smp mode (``"binary"``, ``"multiclass"``, ``"multilabel"``); None lets ``ADSTLoss`` set it
             from its base loss.
@@ -253,7 +265,14 @@ class ADSTModel(HeadWrapper):
         self.classes = _resolve_classes(model, classes, "wrap_with_adst")
         if mode is not None:
             check_mode(mode, self.classes, "wrap_with_adst")
-        in_channels = (in_channels or self._feature_channels()) if features is not None else self.classes
+        if features is None and in_channels is not None:
+            raise ValueError(
+                f"wrap_with_adst: expected no in_channels with head_input='logits' (the head reads the "
+                f"{self.classes}-channel mask logits), got in_channels={in_channels!r}. Drop in_channels=, or pass "
+                "head_input='features' to read the features it counts."
+            )
+        if in_channels is None:
+            in_channels = self._feature_channels() if features is not None else self.classes
         self.head = ADSTHead(
             in_channels,
             config.hidden_channels,
@@ -331,7 +350,7 @@ def wrap_with_adst(
             (B, C, H, W), or a tuple whose first item is them.
         preset: a name from :data:`~adst_plugin.presets.PRESETS` (``"adst"``, ``"paper"``, ``"legacy"``) or an
             :class:`~adst_plugin.presets.ADSTConfig`.
-        in_channels: channels of the tapped features; inferred for smp models.
+        in_channels: channels of the tapped features (``head_input="features"`` only); inferred for smp models.
         classes: C, the model's output channels; read off smp models (other modules: 1 unless given).
         mode: ``"binary"``, ``"multiclass"`` or ``"multilabel"`` (smp's modes). Optional: ``ADSTLoss`` reads it
             from its smp base loss (``.mode``); a 1-class model is binary.
@@ -341,6 +360,7 @@ def wrap_with_adst(
         :class:`ADSTModel`; train it with ``ADSTLoss(model)`` and call ``.export()`` for the plain model.
     Raises:
         KeyError: unknown preset. TypeError: unknown option. ValueError: bad values, a ``mode`` that does not
-        fit the model's classes, unknown ``features`` path, invalid ``hidden_channels``.
+        fit the model's classes, unknown ``features`` path, invalid ``hidden_channels``, ``in_channels`` with
+        ``head_input="logits"``.
     """
     return ADSTModel(model, get_config(preset, **overrides), in_channels=in_channels, classes=classes, mode=mode)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from adst_plugin import DiceBCELoss
 from adst_plugin._checks import check_bchw, check_mask, check_mask_matches
 from adst_plugin.functional import mask_logits
+from adst_plugin.wrapper import unwrap_model
 
 __all__ = ["AuxHeadLoss"]
 
@@ -35,12 +36,8 @@ class AuxHeadLoss(nn.Module):
     def __init__(self, model: nn.Module, base_loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         super().__init__()
         name = type(self).__name__
-        wrapped: Any = model
-        for _ in range(4):  # DDP keeps the module in .module, torch.compile in ._orig_mod
-            if isinstance(wrapped, self.model_type):
-                break
-            wrapped = getattr(wrapped, "module", None) or getattr(wrapped, "_orig_mod", None)
-        if not isinstance(wrapped, self.model_type):
+        wrapped = unwrap_model(model, self.model_type)
+        if wrapped is None:
             raise TypeError(f"{name}: expected a {self.model_type.__name__}, got {type(model).__name__}")
         if base_loss is not None and not callable(base_loss):
             raise TypeError(f"{name}: expected base_loss to be callable, got {type(base_loss).__name__}")
