@@ -9,16 +9,16 @@ Presets:
 
 * ``"adst"`` (default): the export-aware head (the dataclass defaults). The SACA main map reads the live decoder
   features (``feature_grad=1``) and regresses the signed distance to the lesion edge (deep supervision,
-  ``main_target="sdf"``; ``"core"`` is the DBNet core map it regressed before 2026-12-03); the fused map is a DBNet
-  threshold map T, read off the main map without training it (``fusion_grad=0``) and a *detached* Laplacian cue
-  of the prediction, and supervised by the border map inside the border band; the model's own probability is
-  binarised against T (``B = sigmoid(k (P - T))``) and supervised by the mask. Each term's minimum is its
-  target; mask, sdf and binary reach the exported weights, and the threshold term reaches them through the
-  binary term whose threshold it sets (docs/design.md, "What trains what"). A band-weighted BCE on the exported
-  logits (``w_boundary``) is built and tested but off: at weight 1 it lost 7 validation Dice points in the study.
-* ``"paper"``: the reference formulation
-  (AdSTNet): the head reads the model's 1-channel output (the mask logits); main map vs core, Laplacian of the
-  mask logits vs the border map (BCE), fused map vs the mask, every term training the model.
+  ``main_target="sdf"``; ``"core"``: the DBNet core map); the fused map is a DBNet threshold map T, read off the
+  main map without training it (``fusion_grad=0``) and a *detached* Laplacian cue of the prediction, and
+  supervised by the border map inside the border band; the model's own probability is binarised against T
+  (``B = sigmoid(k (P - T))``) and supervised by the mask. Each term's minimum is its target; the mask, main and
+  binary terms reach the exported weights, and the threshold term reaches them through the binary term whose
+  threshold it sets (docs/design.md, "What trains what"). A band-weighted BCE on the exported logits
+  (``w_boundary``) is built and tested but off by default.
+* ``"paper"``: the reference formulation (AdSTNet): the head reads the model's output (the mask logits); main
+  map vs core, Laplacian of the mask logits vs the border map (BCE), fused map vs the mask, every term training
+  the model.
 * ``"legacy"``: the default of adst-plugin 0.1: ``"paper"``'s terms on detached decoder features.
 """
 
@@ -28,6 +28,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ._checks import check_choice, check_int, check_number, check_thresholds
 from .constants import DB_STEEPNESS, HEAD_STRIDE, HIDDEN_CHANNELS, SHRINK_RATIO, THRESH_MAX, THRESH_MIN
 
 __all__ = [
@@ -72,8 +73,8 @@ class ADSTConfig:
         feature_grad: gradient scale from the head into the tapped features, in [0, 1]: 0 detaches them
             (the head trains alone), 1 is full deep supervision. The forward value is unchanged.
         fusion_grad: gradient scale from the fusion into the main map, in [0, 1]: 0 makes the fused map a
-            read-out of a main map that only its own (core) term shapes; 1 lets the fused map's term train the
-            main branch and, through it, the features (the reference).
+            read-out of a main map that only its own term shapes; 1 lets the fused map's term train the main
+            branch and, through it, the features (the reference).
         edge_input: see :data:`EDGE_INPUTS`.
         fused_role: see :data:`FUSED_ROLES`.
         db_steepness: k of the binarisation ``sigmoid(k (P - T))``.
@@ -100,12 +101,12 @@ class ADSTConfig:
     hidden_channels: int = HIDDEN_CHANNELS
     head_stride: int = HEAD_STRIDE
     feature_grad: float = 1.0
-    fusion_grad: float = 0.0  # 1 let the threshold term pull 7x harder than the mask loss (results.md, BUSI 2026-12-01)
+    fusion_grad: float = 0.0  # T is a read-out: the threshold term (weight 10) does not pull on the features
     edge_input: str = "probs"
     fused_role: str = "threshold"
     db_steepness: float = DB_STEEPNESS
     detach_threshold: bool = True
-    main_target: str = "sdf"  # the boundary study's pick over "core" (docs/results.md, boundary study, 2026-12-03)
+    main_target: str = "sdf"
     threshold_target: str = "border"
     w_mask: float = 1.0
     w_core: float = 1.0
@@ -113,7 +114,7 @@ class ADSTConfig:
     w_fused: float = 0.0
     w_threshold: float = 10.0
     w_binary: float = 1.0
-    w_boundary: float = 0.0  # opt-in: at weight 1 it cost 7 Dice points on validation (results.md, BUSI 2026-11-27)
+    w_boundary: float = 0.0  # opt-in
     shrink_ratio: float = SHRINK_RATIO
     thresh_min: float = THRESH_MIN
     thresh_max: float = THRESH_MAX
@@ -127,18 +128,13 @@ class ADSTConfig:
             ("main_target", MAIN_TARGETS),
             ("threshold_target", THRESHOLD_TARGETS),
         ):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{where}: unknown {name} {getattr(self, name)!r}; valid options are {valid}")
-        if not isinstance(self.head_stride, int) or isinstance(self.head_stride, bool) or self.head_stride < 1:
-            raise ValueError(f"{where}: expected head_stride to be an int >= 1, got {self.head_stride!r}")
+            check_choice(getattr(self, name), valid, name, where)
+        check_int(self.head_stride, "head_stride", where)
         for name in ("feature_grad", "fusion_grad"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise ValueError(f"{where}: expected 0 <= {name} <= 1, got {getattr(self, name)!r}")
-        if not self.db_steepness > 0:
-            raise ValueError(f"{where}: expected db_steepness > 0, got {self.db_steepness!r}")
+            check_number(getattr(self, name), name, where, low=0.0, high=1.0)
+        check_number(self.db_steepness, "db_steepness", where, low=0.0, open_low=True)
         for name in LOSS_WEIGHTS:
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{where}: expected {name} >= 0, got {getattr(self, name)!r}")
+            check_number(getattr(self, name), name, where, low=0.0)
         needs = {
             "w_edge": ("edge_input", "logits"),
             "w_fused": ("fused_role", "mask"),
@@ -151,12 +147,8 @@ class ADSTConfig:
                     f"{where}: {weight}={getattr(self, weight)} needs {field}={value!r}, got {getattr(self, field)!r}. "
                     f"Set {weight}=0 or {field}={value!r}."
                 )
-        if not 0.0 < self.shrink_ratio < 1.0:
-            raise ValueError(f"{where}: expected 0 < shrink_ratio < 1, got {self.shrink_ratio!r}")
-        if not 0.0 <= self.thresh_min < self.thresh_max <= 1.0:
-            raise ValueError(
-                f"{where}: expected 0 <= thresh_min < thresh_max <= 1, got {self.thresh_min!r}, {self.thresh_max!r}"
-            )
+        check_number(self.shrink_ratio, "shrink_ratio", where, low=0.0, high=1.0, open_low=True, open_high=True)
+        check_thresholds(self.thresh_min, self.thresh_max, where)
 
     def replace(self, **overrides: Any) -> ADSTConfig:
         """A copy with some fields changed; unknown names raise a ``TypeError`` that lists the valid ones."""
@@ -194,10 +186,8 @@ PRESETS: dict[str, ADSTConfig] = {
 }
 PRESETS["legacy"] = PRESETS["paper"].replace(head_input="features", feature_grad=0.0)
 
-#: The preset ``wrap_with_adst`` uses when none is named. Chosen by the rule fixed before the study: the best mean
-#: paired validation Dice difference against the baseline among the ADST arms (docs/results.md, BUSI 2026-12-01:
-#: 6 seeds, "adst" +0.12 [-0.85, +1.08], "paper" -0.47 [-2.37, +1.44]). Both tie with the baseline and with each
-#: other; "paper" loses small-lesion Dice (-4.4 there, and -6.0 with -7.4 small recall at 24 seeds on 2026-11-28).
+#: The preset ``wrap_with_adst`` uses when none is named. This default, ``main_target``, ``fusion_grad`` and
+#: ``w_boundary`` were each chosen by the rule docs/results.md ("Rules for choosing defaults") names for it.
 DEFAULT_PRESET = "adst"
 
 

@@ -177,8 +177,6 @@ def test_consistent_combinations_are_accepted():
             r"unknown fused_role 'core'.*" + str(FUSED_ROLES).replace("(", r"\(").replace(")", r"\)"),
         ),
         ({"head_stride": 0}, "head_stride to be an int >= 1, got 0"),
-        ({"head_stride": 2.0}, "head_stride to be an int >= 1, got 2.0"),
-        ({"head_stride": True}, "head_stride to be an int >= 1, got True"),
         ({"feature_grad": 1.5}, "0 <= feature_grad <= 1, got 1.5"),
         ({"feature_grad": -0.1}, "0 <= feature_grad <= 1"),
         ({"feature_grad": math.nan}, "0 <= feature_grad <= 1, got nan"),
@@ -194,6 +192,21 @@ def test_consistent_combinations_are_accepted():
 )
 def test_invalid_values_raise_value_errors_naming_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
+        get_config("adst", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"head_stride": 2.0}, "head_stride to be an int >= 1, got 2.0"),
+        ({"head_stride": True}, "head_stride to be an int >= 1, got True"),
+        ({"feature_grad": "1"}, "feature_grad to be a real number, got str"),
+        ({"w_threshold": None}, "w_threshold to be a real number, got NoneType"),
+        ({"main_target": None}, r"main_target to be one of \('core', 'sdf'\), got NoneType"),
+    ],
+)
+def test_values_of_the_wrong_type_raise_type_errors_naming_the_field(overrides, match):
+    with pytest.raises(TypeError, match=match):
         get_config("adst", **overrides)
 
 
