@@ -48,7 +48,7 @@ class DiceBCELoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         target = target.to(logits.dtype)
-        dice = self.dice(logits, target)  # first: the autograd graph (and its float sums) as in earlier versions
+        dice = self.dice(logits, target)  # before the BCE: the graph's order sets the gradient's float rounding
         if self.ignore_index is None:
             bce = F.binary_cross_entropy_with_logits(logits, target)
         else:
