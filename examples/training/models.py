@@ -45,6 +45,7 @@ __all__ = [
     "count_params",
     "export_model",
     "head_settings",
+    "parse_encoder_weights",
 ]
 
 #: smp architectures: lower-case key (what ``smp.create_model`` accepts) → class name (what users type).
@@ -76,7 +77,8 @@ def _encoder(name: str) -> str:
     return name
 
 
-def _weights(value: str) -> str | None:
+def parse_encoder_weights(value: str) -> str | None:
+    """``--encoder-weights``: ``None`` (random init), ``"imagenet"`` or an existing checkpoint file."""
     if value.lower() in ("", "none", "null"):
         return None
     if value == "imagenet" or Path(value).is_file():
@@ -98,7 +100,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     g.add_argument("--encoder", type=_encoder, default="resnet34", help="smp encoder name [%(default)s]")
     g.add_argument(
         "--encoder-weights",
-        type=_weights,
+        type=parse_encoder_weights,
         default=None,
         help="imagenet (offline for tu-efficientnet_lite0 with the 'pretrained' extra, else smp's download) or a "
         "checkpoint file of the encoder or its classifier; the ImageNet mean/std are folded into the stem, so "

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adst_examples.training import encoder_weights as ew
-from adst_examples.training.models import _weights
+from adst_examples.training.models import parse_encoder_weights
 
 LITE0 = "tu-efficientnet_lite0"
 needs_lite0 = pytest.mark.skipif(
@@ -183,8 +183,8 @@ def test_another_architecture_is_refused(tmp_path):
 
 
 def test_cli_value_is_imagenet_none_or_a_file(tmp_path):
-    assert _weights("none") is None and _weights("imagenet") == "imagenet"
+    assert parse_encoder_weights("none") is None and parse_encoder_weights("imagenet") == "imagenet"
     path = _save(tmp_path, {})
-    assert _weights(path) == path
+    assert parse_encoder_weights(path) == path
     with pytest.raises(argparse.ArgumentTypeError, match="no such file"):
-        _weights(str(tmp_path / "missing.pth"))
+        parse_encoder_weights(str(tmp_path / "missing.pth"))

@@ -258,3 +258,16 @@ def test_recipe_on_real_busi(tmp_path):
     result = recipe.main(["--root", str(BUSI), "--out", str(tmp_path), "--epochs", "1", *TINY])
     assert result.trainer.global_step == 2 and 0 <= result.metrics["test_dataset_iou"] <= 1
     assert read_log(tmp_path)[-1]["train_sdf"]
+
+
+@pytest.mark.slow
+def test_recipe_loads_encoder_weights_from_a_file(fake_busi, tmp_path):
+    # The tutorial's module normalises its input itself, so the checkpoint's tensors load unchanged (gray: summed).
+    torch.manual_seed(3)
+    state = smp.encoders.get_encoder("resnet18", weights=None).state_dict()
+    torch.save(state, tmp_path / "resnet18.pth")
+    args = ["--root", str(fake_busi), "--out", str(tmp_path / "out"), "--epochs", "1", "--lr", "0", *TINY]
+    result = recipe.main([*args, "--encoder-weights", str(tmp_path / "resnet18.pth")])
+    encoder = result.exported.encoder
+    assert torch.equal(encoder.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])  # lr 0: as loaded
+    assert torch.equal(encoder.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))  # 1-channel BUSI
