@@ -4,6 +4,7 @@
     python examples/benchmarks/train_overhead.py --all-archs --size 128 --batch 4 --steps 10
     python examples/benchmarks/train_overhead.py --breakdown             # where the extra time goes
     python examples/benchmarks/train_overhead.py --also-main-target core # two main-map targets, one loop
+    python examples/benchmarks/train_overhead.py --also-head-stride 4    # the default and a cheaper head, one loop
 
 Steps are interleaved A/B/A/B after a warm-up; the ratio of the medians is printed. Each step is the training
 engine's :func:`~adst_examples.training.engine.train_step`, the one train.py and the study run (forward under
@@ -44,6 +45,12 @@ def adst_config(args: argparse.Namespace) -> str:
     )
 
 
+def also_overrides(args: argparse.Namespace) -> dict:
+    """The settings of the second ADST head (``--also-*``) that differ from the first's."""
+    also = {"main_target": args.also_main_target, "head_stride": args.also_head_stride}
+    return {k: v for k, v in also.items() if v is not None}
+
+
 def flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -74,8 +81,8 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
 
     # The plain model's loss is what train.py builds for --no-adst: ADSTLoss without a model (Dice + BCE).
     steps = {"plain": step_fn(plain, ADSTLoss(None)), "adst": step_fn(adst, ADSTLoss(adst))}
-    if args.also_main_target:  # a second ADST head, timed in the same interleaved loop
-        other = wrap_with_adst(copy.deepcopy(base), args.preset, **(overrides | {"main_target": args.also_main_target}))
+    if also_overrides(args):  # a second ADST head, timed in the same interleaved loop
+        other = wrap_with_adst(copy.deepcopy(base), args.preset, **(overrides | also_overrides(args)))
         other = other.to(device).to(memory_format=fmt)
         steps["also"] = step_fn(other, ADSTLoss(other))
     if args.breakdown:
@@ -150,6 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--main-target", choices=MAIN_TARGETS, help="[the preset's]")
     parser.add_argument("--also-main-target", choices=MAIN_TARGETS, help="time a second ADST step with this main "
                         "target in the same loop (its ratio to the plain step is printed too)")  # fmt: skip
+    parser.add_argument("--also-head-stride", type=int, help="time a second ADST step with this head stride in the "
+                        "same loop (combines with --also-main-target)")  # fmt: skip
     parser.add_argument("--breakdown", action="store_true", help="also time the head, targets and terms alone")
     args = parser.parse_args(argv)
     if args.threads:
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     for r in rows:
         if r["also_s"] is not None:
-            print(f"\n{r['arch']}, main_target {args.also_main_target} in the same loop: {r['also_s']:.3f} s/step, "
+            also = ", ".join(f"{k} {v}" for k, v in also_overrides(args).items())
+            print(f"\n{r['arch']}, {also} in the same loop: {r['also_s']:.3f} s/step, "
                   f"{r['also_s'] / r['plain_s']:.2f}x the plain step, {r['also_s'] / r['adst_s']:.2f}x the ADST step "
                   "above")  # fmt: skip
     for r in rows:
