@@ -58,11 +58,25 @@ def test_an_epoch_averages_every_logged_term_over_its_steps() -> None:
     torch.manual_seed(0)
     model = wrap_with_adst(tiny_unet())
     criterion = ADSTLoss(model)
-    opt = Optimisation.build(model, lr=1e-3, total_steps=2, device=torch.device("cpu"))
-    row = train_epoch(model, criterion, opt, [_batch()] * 3, steps=2, device=torch.device("cpu"), aux_scale=0.5)
+    opt = Optimisation.build(model, lr=1e-2, total_steps=2, device=torch.device("cpu"))
+    logged, outputs = [], []
+    criterion.register_forward_hook(lambda module, args, out: logged.append(dict(module.last_terms)))
+    model.register_forward_hook(lambda module, args, out: outputs.append(out.detach()))
+    batches = [_batch(), _batch(), _batch()]
+    row = train_epoch(model, criterion, opt, batches, steps=2, device=torch.device("cpu"), aux_scale=0.5)
     assert opt.scheduler.last_epoch == 2 and criterion.aux_scale == 0.5  # at most `steps` of the 3 batches
-    assert set(row) >= {"train_total", "train_mask", "train_dice", "train_s"}
-    assert all(math.isfinite(v) for v in row.values()) and 0 <= row["train_dice"] <= 1
+    assert len(logged) == 2 and logged[0]["total"] != logged[1]["total"]  # two different steps
+    assert set(row) == {f"train_{k}" for k in logged[0]} | {"train_dice", "train_s"}
+    for name in logged[0]:
+        assert row[f"train_{name}"] == pytest.approx(float(sum(step[name] for step in logged)) / 2), name
+    # Hard Dice per image at logit >= 0 (empty/empty counts 1), averaged over the images, then the steps.
+    truth = batches[0].masks.bool()
+    dice = []
+    for logits in outputs:
+        pred = logits >= 0
+        inter, sizes = (pred & truth).sum((1, 2, 3)), pred.sum((1, 2, 3)) + truth.sum((1, 2, 3))
+        dice.append(torch.where(sizes > 0, 2 * inter / sizes.clamp_min(1), 1.0).mean())
+    assert row["train_dice"] == pytest.approx(float(sum(dice)) / 2)
     with pytest.raises(FloatingPointError, match="not finite"):
         bad = Batch(torch.full((2, 3, 32, 32), math.nan), _batch().masks)
         train_epoch(model, criterion, opt, [bad], steps=1, device=torch.device("cpu"))

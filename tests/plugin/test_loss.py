@@ -3,8 +3,9 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from conftest import tiny_unet
+from scipy_reference import reference_targets
 
-from adst_plugin import ADSTLoss, DiceBCELoss, functional, wrap_with_adst
+from adst_plugin import ADSTLoss, DiceBCELoss, wrap_with_adst
 from adst_plugin.targets import adst_targets
 
 
@@ -25,14 +26,15 @@ def images(b=2, h=32, w=32, seed=0):
 
 
 def expected_terms(criterion, logits, maps, y):
+    # Written out from the definitions, on SciPy's exact targets (tests/plugin/scipy_reference.py), not the package's.
     c = criterion.config
-    core, border = adst_targets(y)
-    band = functional.band_weights(border, c.thresh_min, c.thresh_max)
+    core, border = (torch.from_numpy(t).float() for t in reference_targets(y.numpy().astype(bool)))
+    band = ((border - c.thresh_min) / (c.thresh_max - c.thresh_min)).clamp(0, 1)
     if c.main_target == "sdf":
-        sdf = functional.signed_distance(border, y, c.thresh_min, c.thresh_max)
-        terms = {"sdf": functional.sdf_loss(maps.main, sdf)}
+        sdf = torch.where(y.bool(), 1 - band, band - 1)  # +d/D inside, -d/D outside, clipped to [-1, 1]
+        terms = {"sdf": (torch.tanh(maps.main) - sdf).abs().mean()}
     else:
-        terms = {"core": functional.core_loss(maps.main, core)}
+        terms = {"core": F.binary_cross_entropy_with_logits(maps.main, core)}
     if c.fused_role == "mask":
         terms["edge"] = F.binary_cross_entropy_with_logits(maps.edge, border)
         terms["fused"] = DiceBCELoss()(maps.fused, y)
