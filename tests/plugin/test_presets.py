@@ -28,8 +28,8 @@ def _batch(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_the_presets_are_the_documented_ones():
     assert sorted(PRESETS) == ["adst", "legacy", "paper"]
-    # The default was chosen by the study's rule (best mean paired validation Dice among the ADST arms,
-    # docs/results.md, BUSI 2026-12-01); the dataclass defaults are the export-aware redesign ("adst").
+    # The default preset and its defaults were each chosen by a rule (docs/results.md, "Rules for choosing
+    # defaults"); the dataclass defaults are the export-aware redesign ("adst").
     assert DEFAULT_PRESET == "adst" and get_config() is PRESETS["adst"]
     assert PRESETS["adst"] == ADSTConfig()
 
@@ -79,8 +79,8 @@ def test_preset_contents():
         True,
     )
     assert (adst.w_edge, adst.w_fused) == (0.0, 0.0) and min(adst.w_threshold, adst.w_binary) > 0
-    assert adst.w_boundary == 0.0  # built and tested, off by the study's evidence (docs/results.md, BUSI 2026-11-27)
-    # The main map regresses the signed distance (the boundary study's pick); the reference regresses the core.
+    assert adst.w_boundary == 0.0  # built and tested, opt-in
+    # The main map regresses the signed distance; the reference regresses the core.
     assert (adst.main_target, paper.main_target, legacy.main_target) == ("sdf", "core", "core")
     # The logged name of the main map's term follows its target.
     assert adst.term_names()["w_core"] == "sdf" and paper.term_names()["w_core"] == "core"
@@ -152,13 +152,29 @@ def test_inconsistent_combinations_name_the_field_and_the_fix(preset, overrides,
     assert message in str(info.value)
 
 
-def test_consistent_combinations_are_accepted():
-    # Switching a role off together with its weights is fine in either direction.
-    get_config("paper", edge_input="probs", w_edge=0.0)
-    get_config("paper", fused_role="threshold", w_fused=0.0, w_threshold=10.0, w_binary=1.0)
-    get_config("adst", fused_role="mask", w_threshold=0.0, w_binary=0.0, w_fused=1.0)
-    get_config("adst", edge_input="logits", w_edge=0.5)
-    get_config("adst", w_boundary=0.0, feature_grad=0.0, detach_threshold=False, head_stride=1)
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("paper", {"edge_input": "probs", "w_edge": 0.0}),
+        ("paper", {"fused_role": "threshold", "w_fused": 0.0, "w_threshold": 10.0, "w_binary": 1.0}),
+        ("adst", {"fused_role": "mask", "w_threshold": 0.0, "w_binary": 0.0, "w_fused": 1.0}),
+        ("adst", {"edge_input": "logits", "w_edge": 0.5}),
+        ("adst", {"w_boundary": 0.0, "feature_grad": 0.0, "detach_threshold": False, "head_stride": 1}),
+    ],
+)
+def test_consistent_combinations_train_exactly_the_terms_they_weigh(preset, overrides):
+    # Switching a role off together with its weights is fine in either direction, and the loss then computes the
+    # terms with a weight, no more and no fewer.
+    config = get_config(preset, **overrides)
+    assert config == dataclasses.replace(PRESETS[preset], **overrides)  # taken as given, nothing else moved
+    torch.manual_seed(0)
+    model = wrap_with_adst(tiny_unet(), config)
+    criterion = ADSTLoss(model)
+    x, y = _batch()
+    criterion(model(x), y).backward()
+    names = config.term_names()
+    assert set(criterion.last_terms) == {"total"} | {names[w] for w in LOSS_WEIGHTS if getattr(config, w) > 0}
+    assert all(p.grad is not None for p in model.head.parameters())
 
 
 @pytest.mark.parametrize(
@@ -256,6 +272,17 @@ def test_loss_without_a_model_uses_the_default_preset():
     assert ADSTLoss(None, w_mask=2.0).config == get_config(w_mask=2.0)
 
 
-def test_loss_weight_fields_are_the_logged_terms():
-    assert LOSS_WEIGHTS == ("w_mask", "w_core", "w_edge", "w_fused", "w_threshold", "w_binary", "w_boundary")
-    assert all(name in FIELDS for name in LOSS_WEIGHTS)
+@pytest.mark.parametrize(("preset", "overrides"), [("adst", {"w_boundary": 1.0}), ("paper", {})])
+def test_loss_weight_fields_are_the_logged_terms_in_their_order(preset, overrides):
+    # Every w_* field is a loss weight (a new one cannot be left out), and the terms are logged in LOSS_WEIGHTS's
+    # order, each under the name term_names() gives its weight.
+    assert tuple(name for name in FIELDS if name.startswith("w_")) == LOSS_WEIGHTS
+    config = get_config(preset, **overrides)
+    model = wrap_with_adst(tiny_unet(), config)
+    criterion = ADSTLoss(model)
+    x, y = _batch()
+    criterion(model(x), y)
+    names = config.term_names()
+    logged = [name for name in criterion.last_terms if name != "total"]
+    assert logged == [names[w] for w in LOSS_WEIGHTS if names[w] in logged]
+    assert set(logged) == {names[w] for w in LOSS_WEIGHTS if getattr(config, w) > 0}
