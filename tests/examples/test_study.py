@@ -240,12 +240,17 @@ def test_device_script_rehearsal_and_resume(tmp_path: Path) -> None:
     assert set(report["parallel_throughput_steps_per_s"]) == {"1", "2"} and report["parallel"] in (1, 2)
     arms = report["datasets"]["synthetic"]["arms"]
     assert set(arms) == {"baseline", "adst"}
-    for key in ("paired", "paired_val"):
+    # The paired differences, from the runs' own result.json files, against SciPy's paired t-test interval.
+    runs = {(p.parent.parent.name, p.parent.name): json.loads(p.read_text()) for p in study_dir.rglob("result.json")}
+    for key, split in (("paired", "test"), ("paired_val", "val")):
+        diffs = [runs["adst", f"seed{s}"][split]["dice"] - runs["baseline", f"seed{s}"][split]["dice"] for s in (0, 1)]
         head = arms["adst"][key]["dice"]
-        assert set(head) >= {"mean", "ci95", "better", "n"}
-        assert head["n"] == 2 and 0 <= head["better"] <= 2
-        lo, hi = head["ci95"]
-        assert lo <= head["mean"] <= hi
+        assert head["n"] == 2 and head["better"] == sum(d > 0 for d in diffs)
+        assert head["mean"] == pytest.approx(sum(diffs) / 2, abs=1e-12)
+        adst = [runs["adst", f"seed{s}"][split]["dice"] for s in (0, 1)]
+        base = [runs["baseline", f"seed{s}"][split]["dice"] for s in (0, 1)]
+        reference = sps.ttest_rel(adst, base).confidence_interval(0.95) if diffs[0] != diffs[1] else diffs[:1] * 2
+        assert head["ci95"] == pytest.approx(list(reference), rel=1e-9, abs=1e-12)
     assert arms["adst"]["step_ratio"] > 0 and arms["baseline"]["step_ratio"] == pytest.approx(1.0)
     for arm in arms.values():
         for split in ("test", "val"):
