@@ -39,8 +39,7 @@ def test_the_wheel_holds_the_package_alone_and_it_trains_with_the_core_dependenc
          str(ROOT)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    if build.returncode != 0:
-        pytest.skip(f"pip wheel failed (offline without setuptools?): {build.stderr[-500:]}")
+    assert build.returncode == 0, f"pip wheel failed: {build.stderr[-2000:]}"  # setuptools: in the test extra
     (wheel,) = tmp_path.glob("adst_plugin-*.whl")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"adst_plugin"}
