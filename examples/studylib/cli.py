@@ -28,7 +28,10 @@ from adst_examples.studylib.workers import WorkerPool, load_datasets, setup_proc
 from adst_examples.training.checkpoints import jsonable, write_json
 from adst_examples.training.distributed import resolve_amp, resolve_device
 
-__all__ = ["build_parser", "cli", "main"]
+__all__ = ["RAY_RETRIES", "build_parser", "cli", "main"]
+
+#: ``--max-retries`` when not given (Ray's own default for tasks).
+RAY_RETRIES = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel-candidates", default="1,2,4,8")
     g.add_argument("--bench-steps", type=positive_int, default=20, help="timed steps per worker in --measure-parallel")
     g.add_argument("--budget-min", type=float, help="start no run that would end after M minutes")
-    g.add_argument("--threads", type=int, help="torch CPU threads per run [cores / parallel]")
+    g.add_argument("--threads", type=int, help="torch CPU threads per run [cores / parallel; Ray on CUDA: 1]")
     g.add_argument("--no-progress", action="store_true")
+
+    g = p.add_argument_group("executor")
+    g.add_argument(
+        "--executor", choices=("local", "ray"), default="local",
+        help="local: this machine's device (worker processes); ray: one Ray task per run [%(default)s]",
+    )  # fmt: skip
+    g.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="Ray cluster to join: 'auto' (started here by `ray start`), HOST:PORT or ray://HOST:PORT "
+        "[start a local Ray instance]",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-retries", type=int, metavar="N",
+        help=f"Ray: restarts of a run whose worker died before it is recorded as failed [{RAY_RETRIES}]",
+    )  # fmt: skip
     return p
 
 
@@ -126,6 +144,61 @@ def report_only(args: argparse.Namespace, command: str, log: Callable[[str], Non
     return _write(out, build_report(results, datasets, arms, flags, meta), args.no_progress)
 
 
+def _check_executor_flags(args: argparse.Namespace) -> None:
+    if args.executor == "local":
+        ray_flags = {"--ray-address": args.ray_address, "--max-retries": args.max_retries}
+        given = [flag for flag, value in ray_flags.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only for the Ray executor; add --executor ray")
+    elif args.measure_parallel:
+        raise UsageError("--measure-parallel times worker processes on this machine; with --executor ray pass "
+                         "--parallel N (runs per GPU) instead")  # fmt: skip
+    if args.max_retries is not None and args.max_retries < 0:
+        raise UsageError(f"--max-retries: expected 0 or more, got {args.max_retries}")
+
+
+def _local_executor(
+    args: argparse.Namespace, cfg: StudyConfig, device: torch.device, pending: Sequence[Any], datasets: list[str],
+    arms: list[str], log: Callable[[str], None],
+) -> tuple[Any, int, dict[str, float], StudyConfig]:  # fmt: skip
+    """This machine: the worker pool (``--parallel`` > 1 or measured) or this process; ``(executor, parallel,
+    throughput, cfg)``."""
+    candidates = [int(c) for c in args.parallel_candidates.split(",")] if args.measure_parallel and pending else []
+    n_workers = max([args.parallel, *candidates]) if pending else 0
+    cfg = dataclasses.replace(cfg, threads=args.threads or max(1, (os.cpu_count() or 1) // max(n_workers, 1)))
+    if n_workers <= 1 and not candidates:
+        setup_process(device, cfg.threads)
+        return SerialExecutor(cfg, load_datasets(cfg, device) if pending else {}, device), 1, {}, cfg
+    pool = WorkerPool(n_workers, cfg, barrier_sizes=candidates)
+    parallel, throughput = args.parallel, {}
+    try:
+        if candidates:
+            bench_arm = next((a for a in arms if a != BASELINE), BASELINE)
+            spec = {"dataset": datasets[0], "arm": bench_arm, "steps": args.bench_steps, "warmup": 3}
+            parallel, throughput = choose_parallel(pool, candidates, spec, log)
+            log(f"[study] chose --parallel {parallel}")
+        pool.shrink(parallel)
+    except BaseException:
+        pool.close()
+        raise
+    return pool, parallel, throughput, cfg
+
+
+def _ray_executor(args: argparse.Namespace, cfg: StudyConfig, device: torch.device, datasets: list[str],
+                  log: Callable[[str], None]) -> Any:  # fmt: skip
+    """One Ray task per run (imported here only: the local study never imports ray)."""
+    from adst_examples.studylib.ray_executor import RayExecutor
+
+    retries = RAY_RETRIES if args.max_retries is None else args.max_retries
+    executor = RayExecutor(args.ray_address, parallel=args.parallel, max_retries=retries, log=log)
+    try:
+        executor.start(dataclasses.replace(cfg, threads=args.threads or executor.default_threads(device)), datasets)
+    except BaseException:
+        executor.close()
+        raise
+    return executor
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the study, or only report it; write study.json and study.md; return the report."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -134,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log = (lambda msg: None) if args.no_progress else (lambda msg: tqdm.write(msg, file=sys.stderr))
     if args.report_only:
         return report_only(args, command, log)
+    _check_executor_flags(args)
     t_start = time.time()
     deadline = t_start + 60 * args.budget_min if args.budget_min else None
     arms, registry = select_arms(args.arms or "baseline,adst", args.arm)
@@ -171,38 +245,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pending = [j for j in jobs if j not in results]
     if results:
         log(f"[study] resuming: {len(results)} finished runs skipped, {len(pending)} to go")
-    candidates = [int(c) for c in args.parallel_candidates.split(",")] if args.measure_parallel and pending else []
-    n_workers = max([args.parallel, *candidates]) if pending else 0
     cpu_count = os.cpu_count() or 1
-    cfg = dataclasses.replace(cfg, threads=args.threads or max(1, cpu_count // max(n_workers, 1)))
-
-    parallel, throughput, pool = 1, {}, None
+    parallel, throughput = args.parallel, {}
+    if args.executor == "ray" and pending:
+        executor = _ray_executor(args, cfg, device, datasets, log)
+    else:
+        executor, parallel, throughput, cfg = _local_executor(args, cfg, device, pending, datasets, arms, log)
     bar = tqdm(total=len(jobs), initial=len(results), desc="study", disable=args.no_progress, dynamic_ncols=True)
+    failures: list[str] = []
+
+    def failed(job: Any) -> None:
+        failures.append(job.key)
+        bar.set_postfix(failed=len(failures))
+
     try:
-        if n_workers > 1 or candidates:
-            pool = WorkerPool(n_workers, cfg, barrier_sizes=candidates)
-            parallel = args.parallel
-            if candidates:
-                bench_arm = next((a for a in arms if a != BASELINE), BASELINE)
-                spec = {"dataset": datasets[0], "arm": bench_arm, "steps": args.bench_steps, "warmup": 3}
-                parallel, throughput = choose_parallel(pool, candidates, spec, log)
-                log(f"[study] chose --parallel {parallel}")
-            pool.shrink(parallel)
-            executor: Any = pool
-        else:
-            setup_process(device, cfg.threads)
-            executor = SerialExecutor(cfg, load_datasets(cfg, device) if pending else {}, device)
-        outcome = schedule(executor, pending, results, epochs, deadline, log=log, on_done=lambda job: bar.update())
-    finally:
+        outcome = schedule(executor, pending, results, epochs, deadline, log=log, on_done=lambda job: bar.update(),
+                           on_failed=failed)  # fmt: skip
+    finally:  # Ctrl-C too: stop the runs in flight (the finished ones are saved)
         bar.close()
-        if pool is not None:
-            pool.close()
+        executor.close()
 
     meta = {
         "command": command,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_count} cores)",
         "torch": torch.__version__,
+        "executor": args.executor,
         "parallel": parallel,
         "parallel_throughput_steps_per_s": throughput or None,
         "budget_min": args.budget_min,
@@ -223,3 +291,6 @@ def cli() -> None:
         main()
     except UsageError as exc:
         sys.exit(f"study.py: error: {exc}")
+    except KeyboardInterrupt:  # the executor has stopped its runs; the finished ones are saved
+        print("study.py: interrupted; the same command resumes (finished runs are kept)", file=sys.stderr)
+        sys.exit(130)

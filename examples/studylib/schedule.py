@@ -1,5 +1,5 @@
-"""Scheduling: one loop that gives the pending runs to an executor (this process, or the worker pool) within the
-budget, and the choice of how many runs share the device."""
+"""Scheduling: one loop that gives the pending runs to an executor (this process, the worker pool, or Ray tasks)
+within the budget, and the choice of how many runs share the device."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ __all__ = ["Executor", "Outcome", "SerialExecutor", "choose_parallel", "schedule
 
 
 class Executor(Protocol):
-    """Runs jobs: :class:`SerialExecutor` here, or :class:`~adst_examples.studylib.workers.WorkerPool`."""
+    """Runs jobs: :class:`SerialExecutor` here, :class:`~adst_examples.studylib.workers.WorkerPool`, or
+    :class:`~adst_examples.studylib.ray_executor.RayExecutor` (``--executor ray``)."""
 
     busy: dict[int, Any]
 
@@ -28,6 +29,8 @@ class Executor(Protocol):
     def submit(self, job: Job, deadline: float | None) -> None: ...
 
     def wait(self) -> tuple[Job, dict[str, Any] | str | None]: ...
+
+    def close(self) -> None: ...
 
 
 class SerialExecutor:
@@ -53,6 +56,9 @@ class SerialExecutor:
         except Exception as exc:  # one failed run is recorded; the study goes on
             return job, describe(exc)
 
+    def close(self) -> None:
+        """Nothing to stop: the runs ran in this process."""
+
 
 @dataclass
 class Outcome:
@@ -72,6 +78,7 @@ def schedule(
     *,
     log: Callable[[str], None],
     on_done: Callable[[Job], None] = lambda job: None,
+    on_failed: Callable[[Job], None] = lambda job: None,
 ) -> Outcome:
     """Start the pending runs in order while an executor slot is free; start none that its measured cost says
     would end after ``deadline`` (that one and every later run are reported as not run)."""
@@ -92,6 +99,7 @@ def schedule(
         if isinstance(res, str):
             out.failed[job.key] = res
             log(f"[study] {job.key} failed: {res}")
+            on_failed(job)
         elif res is None:  # it stopped at the deadline: start nothing more
             out.not_run += [job.key, *(j.key for j in queue)]
             queue = []
