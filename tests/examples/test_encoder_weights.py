@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import segmentation_models_pytorch as smp
@@ -188,3 +189,26 @@ def test_cli_value_is_imagenet_none_or_a_file(tmp_path):
     assert parse_encoder_weights(path) == path
     with pytest.raises(argparse.ArgumentTypeError, match="no such file"):
         parse_encoder_weights(str(tmp_path / "missing.pth"))
+
+
+@needs_lite0
+@pytest.mark.slow
+def test_train_cli_imagenet_offline_and_its_export_reloads_offline(tmp_path, monkeypatch):
+    from adst_examples import train
+
+    _block_downloads(monkeypatch)
+    out = tmp_path / "run"
+    argv = ["--encoder", LITE0, "--encoder-weights", "imagenet", "--img-size", "64", "--limit", "16"]
+    argv += ["--batch-size", "4", "--workers", "0", "--no-progress", "--epochs", "1", "--out", str(out)]
+    train.main(argv)
+    assert json.loads((out / "exported" / "config.json").read_text())["encoder_weights"] is None
+    reloaded = smp.from_pretrained(str(out / "exported")).eval()
+    x = torch.rand(1, reloaded.config["in_channels"], 64, 64)
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(x)).all()
+    # The run started from ImageNet, not from a random init: a late block moved little from the package's values.
+    pretrained = ew.build_smp_model("Unet", LITE0, "imagenet", 3, 1).encoder.state_dict()
+    random_init = ew.build_smp_model("Unet", LITE0, None, 3, 1).encoder.state_dict()
+    key = "model.blocks.6.0.conv_pwl.weight"
+    trained = reloaded.encoder.state_dict()[key]
+    assert (trained - pretrained[key]).norm() < 0.1 * (random_init[key] - pretrained[key]).norm()
