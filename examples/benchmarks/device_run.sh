@@ -15,7 +15,12 @@
 #
 # Settings (environment): LIMIT_S (whole script, default 570 s; rehearsal 480 s), DATASETS, ARMS, SEEDS, EPOCHS,
 # IMG_SIZE, PARALLEL (a number, or "measure"), STUDY_ARGS (extra study.py flags), CACHE_DIR, WHEELS_DIR,
-# STUDY_DIR, PYTHON, ADST_REHEARSE=1 (same as --rehearse).
+# STUDY_DIR, PYTHON, ADST_REHEARSE=1 (same as --rehearse), EXECUTOR (auto, local or ray).
+#
+# Several GPUs (nvidia-smi -L): the study runs on all of them through a local Ray instance (--executor ray, one
+# run per GPU, or PARALLEL runs per GPU when PARALLEL is a number), if ray imports or installs from WHEELS_DIR
+# (pip download ray -d runs/wheels); otherwise it says so and runs on one GPU. EXECUTOR=ray forces the Ray
+# executor (also in the rehearsal, on the CPU), EXECUTOR=local the worker processes on one device.
 set -uo pipefail
 
 REHEARSE=${ADST_REHEARSE:-0}
@@ -78,6 +83,25 @@ if ! "$PY" -c "import adst_examples" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 
+# --- executor: Ray over every GPU when there are several ---------------------------------------------------------
+EXECUTOR=${EXECUTOR:-auto}
+NGPU=0
+[[ $REHEARSE != 1 ]] && command -v nvidia-smi >/dev/null && NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [[ $EXECUTOR == auto ]]; then
+    EXECUTOR=local
+    ((NGPU > 1)) && EXECUTOR=ray
+fi
+if [[ $EXECUTOR == ray ]] && ! "$PY" -c "import ray" 2>/dev/null; then
+    if compgen -G "$WHEELS_DIR/ray-*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --find-links "$WHEELS_DIR" --no-compile --no-cache-dir --target "$SITE" ray
+    fi
+    if ! "$PY" -c "import ray" 2>/dev/null; then
+        echo "device_run.sh: $NGPU GPUs, but ray is neither installed nor in $WHEELS_DIR: the study runs on one GPU"
+        EXECUTOR=local
+    fi
+fi
+echo "device_run.sh: $NGPU GPUs, executor $EXECUTOR"
+
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "rehearse: $REHEARSE"
@@ -116,7 +140,13 @@ if ((BUDGET_S < 30)); then
     exit 1
 fi
 BUDGET_MIN=$(awk "BEGIN { printf \"%.2f\", $BUDGET_S / 60 }")
-if [[ $PARALLEL == measure ]]; then PAR=(--measure-parallel); else PAR=(--parallel "$PARALLEL"); fi
+if [[ $EXECUTOR == ray ]]; then  # Ray asks each run for 1/N of a GPU: N is given, not measured
+    PAR=(--executor ray --parallel "${PARALLEL/measure/1}")
+elif [[ $PARALLEL == measure ]]; then
+    PAR=(--measure-parallel)
+else
+    PAR=(--parallel "$PARALLEL")
+fi
 # shellcheck disable=SC2086  # STUDY_ARGS is a list of flags
 CMD=("$PY" examples/study.py --datasets "$DATASETS" --arms "$ARMS" --seeds "$SEEDS" --epochs "$EPOCHS"
     --img-size "$IMG_SIZE" --device "$DEVICE" --cache-dir "$CACHE_DIR" --out "$STUDY_DIR" --budget-min "$BUDGET_MIN"
