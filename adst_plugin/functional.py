@@ -8,7 +8,8 @@ term                    inputs                              minimised by
 ======================  ==================================  =============================================
 ``core_loss``           main logits, core map               main > 0 exactly on the core
 ``threshold_loss``      threshold logits T, border map      sigmoid(T) = border on the border band
-``binarization_loss``   mask logits, T, mask                sigmoid(logits) > T exactly on the mask
+``binarization_loss``   mask logits, T, mask                sigmoid(logits) > T exactly on the mask;
+                                                            multiclass: each pixel's argmax is its class
 ``boundary_loss``       mask logits, mask, border map       the mask on every band pixel
 ``sdf_loss``            main logits, signed distance s      tanh(main) = s (zero level set: the lesion edge)
 ``threshold_loss``      T, symmetric_threshold(s)           sigmoid(T) = 0.5 on the edge, rising inside
@@ -41,6 +42,7 @@ __all__ = [
     "edge_loss",
     "grad_scale",
     "mask_logits",
+    "rival_share",
     "sdf_loss",
     "signed_distance",
     "symmetric_threshold",
@@ -146,8 +148,12 @@ def binarization_loss(
     ``>> 1/k``; its gradient never vanishes for confidently wrong pixels (a Dice on B would, like exp(-k |P - T|)).
     For any fixed T in (0, 1) the loss decreases as P moves towards the mask.
 
-    In multiclass mode P is the softmax probability of each target class (classes 1 .. C-1), so the term also
-    pushes the other classes' logits down where a class is wanted; in multilabel mode it is each channel's sigmoid.
+    Multiclass mode binarises every class's :func:`rival_share` q_c (its softmax probability against its strongest
+    rival: P_c itself for C = 2, above 1/2 exactly where c wins the argmax), the background's too, on every pixel,
+    absent classes included. The bar is T_c held on the target's side of 1/2 (``max(T, 1/2)`` on class c,
+    ``min(T, 1/2)`` elsewhere; 1/2 for the background, which has no T): T still raises it near edges but can no
+    longer lower it past the argmax, so the term is ~0 only where each pixel's argmax is its class. Multilabel
+    mode: each channel's sigmoid against T, as in binary mode.
 
     Args:
         mask_logits: (B, C, H, W), the model's logits.
@@ -161,11 +167,35 @@ def binarization_loss(
     thresh = torch.sigmoid(threshold_logits.float())
     if detach_threshold:
         thresh = thresh.detach()
-    logits = steepness * (target_slice(class_probability(mask_logits, mode), mode) - thresh)
+    if mode == MULTICLASS_MODE:
+        # P_k < T_k for every lesion class k leaves the argmax open for C > 2 (0.33, 0.39, 0.28 meets T = 0.5 and
+        # predicts class 1). Every class's rival share against a bar held on the target's side of 1/2 decides it;
+        # the background (no T of its own) is binarised at 1/2, the argmax itself.
+        mask = torch.cat([1.0 - mask.float().amax(1, keepdim=True), mask.float()], 1)
+        thresh = torch.cat([torch.full_like(thresh[:, :1], 0.5), thresh], 1)
+        bar = torch.where(mask.bool(), thresh.clamp_min(0.5), thresh.clamp_max(0.5))
+        logits = steepness * (rival_share(mask_logits) - bar)
+    else:
+        logits = steepness * (target_slice(class_probability(mask_logits, mode), mode) - thresh)
     if weight is None:
         return F.binary_cross_entropy_with_logits(logits, mask.float()) / steepness
     bce = F.binary_cross_entropy_with_logits(logits, mask.float(), reduction="none")
     return _mean(bce, weight) / steepness
+
+
+def rival_share(logits: Tensor) -> Tensor:
+    """Each class's softmax probability against its strongest rival, ``q_c = (1 + P_c - max_{j != c} P_j) / 2``.
+
+    In [0, 1]; above 1/2 exactly where c is the argmax (1/2 on a tie), equal to P_c for two classes. The gradient
+    reaches c and its rival (the runner-up for the winner, the winner for every other class).
+
+    Shape:
+        (B, C, H, W) logits, C >= 2 -> (B, C, H, W) float32
+    """
+    probs = torch.softmax(logits.float(), dim=1)
+    top = probs.topk(2, dim=1).values
+    rival = torch.where(probs >= top[:, :1], top[:, 1:], top[:, :1])
+    return 0.5 * (1.0 + probs - rival)
 
 
 def boundary_loss(mask_logits: Tensor, mask: Tensor, band: Tensor, *, mode: str = BINARY_MODE) -> Tensor:

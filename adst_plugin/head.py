@@ -30,7 +30,7 @@ from .constants import HEAD_STRIDE, HIDDEN_CHANNELS
 from .convglu import ConvGLU
 from .functional import grad_scale
 from .laplacian import LaplacianEdge
-from .modes import MODES, MULTICLASS_MODE, check_mode
+from .modes import BINARY_MODE, MODES, check_mode, class_probability
 from .presets import EDGE_INPUTS
 from .saca import SACA
 
@@ -218,23 +218,21 @@ class ADSTHead(nn.Module):
         if main_low.shape[-2:] != low_res:
             main_low = F.interpolate(main_low, size=low_res, mode="bilinear", align_corners=False)
         main = main_low if s == 1 else F.interpolate(main_low, size=size, mode="bilinear", align_corners=False)
-        source = mask_logits if self.edge_input == "logits" else self._probability(mask_logits.detach().float())
+        source = mask_logits if self.edge_input == "logits" else self._probability(mask_logits.detach())
         edge = self.edge(source)
         fused = self.fusion(grad_scale(main_low, self.fusion_grad), edge)
         return HeadMaps(main, edge, fused)
 
     def _probability(self, logits: Tensor) -> Tensor:
-        # The model's own probability: softmax over the classes in multiclass mode, else a sigmoid per channel
-        # (for one channel the modes agree, so a 1-class head needs no mode).
-        if self.mode == MULTICLASS_MODE:
-            return torch.softmax(logits, dim=1)
+        # The model's own probability, as the loss reads it (for one channel the modes agree: a 1-class head needs
+        # no mode).
         if self.mode is None and self.classes > 1:
             raise RuntimeError(
                 f"ADSTHead: the mode of a {self.classes}-class model is unknown, so its probability is too. Build "
                 "ADSTLoss(model, base_loss=smp.losses.DiceLoss('multiclass' or 'multilabel', from_logits=True)) "
                 "before the first training forward, or pass mode= to wrap_with_adst"
             )
-        return torch.sigmoid(logits)
+        return class_probability(logits, self.mode or BINARY_MODE)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # The saved mode, if any, becomes the head's; a head that has one keeps it (a state_dict saved before the

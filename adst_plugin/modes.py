@@ -35,6 +35,7 @@ __all__ = [
     "Labels",
     "check_labels",
     "check_mode",
+    "class_masks",
     "class_probability",
     "loss_ignore_index",
     "loss_mode",
@@ -138,6 +139,38 @@ def class_probability(logits: Tensor, mode: str) -> Tensor:
     return torch.sigmoid(logits.float())
 
 
+def class_masks(
+    index: Tensor, classes: int, ignore_index: int | None = None, *, present_only: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The target classes' masks of a multiclass mask: the one place that says which pixel belongs to which class
+    (the loss's own targets and :func:`~adst_plugin.targets.adst_targets` both read it).
+
+    Pixels equal to ``ignore_index`` belong to no class, whichever value it is: 255, -1, or a class index in
+    [1, C) that a label set reserves for "unlabelled".
+
+    Shape:
+        long (B, H, W) ->
+        ``(index, masks)``: the indices with ignored pixels set to 0, long (B, H, W), and bool (B, C - 1, H, W),
+        channel k for class k + 1; with ``present_only``, ``(pairs, masks)``: the flat (image, class - 1) indices
+        into (B * (C - 1)) of the pairs whose class is present, and their bool (N, H, W) masks, found by one count
+        over the mask (the cost does not grow with C).
+    """
+    # Comparisons, not F.one_hot / a scatter: a value the (possibly deferred) check has yet to reject must not
+    # crash a device kernel before that check reports it.
+    labelled = (index >= 0) & (index < classes)
+    if ignore_index is not None:
+        labelled &= index != ignore_index
+    index = torch.where(labelled, index, 0)
+    if not present_only:
+        return index, index[:, None] == torch.arange(1, classes, device=index.device).view(1, -1, 1, 1)
+    batch, channels = index.shape[0], classes - 1
+    offsets = torch.arange(batch, device=index.device).view(batch, 1, 1) * classes
+    counts = torch.bincount((index + offsets).view(-1), minlength=batch * classes).view(batch, classes)
+    pairs = counts[:, 1:].reshape(-1).nonzero().squeeze(1)
+    wanted = (pairs % channels + 1).view(-1, 1, 1)
+    return pairs, index[torch.div(pairs, channels, rounding_mode="floor")] == wanted
+
+
 class Labels(NamedTuple):
     """A validated mask, in the forms the loss reads.
 
@@ -168,11 +201,7 @@ def check_labels(mask: Any, mode: str, classes: int, where: str, ignore_index: i
     """
     if mode == MULTICLASS_MODE:
         base = check_class_mask(mask, classes, where, ignore_index)
-        # Comparisons, not F.one_hot / a scatter: a value the (possibly deferred) check has yet to reject must not
-        # crash a device kernel before that check reports it.
-        in_range = (base >= 0) & (base < classes)
-        index = torch.where(in_range, base, 0)
-        y = index[:, None] == torch.arange(1, classes, device=base.device).view(1, -1, 1, 1)
+        index, y = class_masks(base, classes, ignore_index)
         valid = None if ignore_index is None else (base != ignore_index)[:, None]
         return Labels(y, base, valid, index)
     if mode == BINARY_MODE and ignore_index is None:

@@ -81,7 +81,7 @@ from ._checks import check_class_mask, check_mask, check_multilabel_mask
 from ._engine_opencv import _targets_numpy
 from ._engine_torch import _boundary_torch, _targets_torch
 from .constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
-from .modes import BINARY_MODE, MULTICLASS_MODE, check_mode
+from .modes import BINARY_MODE, MULTICLASS_MODE, check_mode, class_masks
 
 __all__ = ["ENGINES", "adst_targets", "border_map", "boundary_map", "core_map"]
 
@@ -343,16 +343,8 @@ def _present_pairs(
     ``(N, H, W)`` masks and the output shape ``(B, K, H, W)``. One pass over the mask finds them."""
     if mode == MULTICLASS_MODE:
         index = check_class_mask(mask, classes, where, ignore_index)  # type: ignore[arg-type]
-        if ignore_index is not None:
-            index = index.masked_fill(index == ignore_index, 0)  # ignored pixels: in no class
-        batch, height, width = index.shape
-        channels = classes - 1  # type: ignore[operator]
-        offsets = torch.arange(batch, device=index.device).view(batch, 1, 1) * classes
-        counts = torch.bincount((index + offsets).view(-1), minlength=batch * classes).view(batch, classes)
-        pairs = counts[:, 1:].reshape(-1).nonzero().squeeze(1)  # flat (image, class - 1) indices
-        wanted = (pairs % channels + 1).view(-1, 1, 1)
-        masks = index[torch.div(pairs, channels, rounding_mode="floor")] == wanted
-        return pairs, masks, (batch, channels, height, width)
+        pairs, masks = class_masks(index, classes, ignore_index, present_only=True)  # type: ignore[arg-type]
+        return pairs, masks, (index.shape[0], classes - 1, *index.shape[1:])  # type: ignore[operator]
     positive, ignored = check_multilabel_mask(mask, classes, where, ignore_index)
     if ignored is not None:
         positive = positive & ~ignored

@@ -42,9 +42,16 @@ def _expected_terms(mode: str, logits, maps, y, config) -> dict[str, torch.Tenso
         terms = {"sdf": (torch.tanh(main) - torch.where(target > 0, depth, -depth)).abs().mean()}
     else:
         terms = {"core": F.binary_cross_entropy_with_logits(main, core)}
+    thresh = torch.sigmoid(fused)
+    if mode == "multiclass":  # every class against its strongest rival; the bar on the target's side of 1/2
+        every = torch.softmax(logits, 1)
+        rival = torch.stack([torch.cat([every[:, :c], every[:, c + 1 :]], 1).amax(1) for c in range(3)], 1)
+        probs, target = (1 + every - rival) / 2, _one_hot(y, 3)
+        thresh = torch.cat([torch.full_like(thresh[:, :1], 0.5), thresh], 1)
+        thresh = torch.where(target > 0, thresh.clamp(min=0.5), thresh.clamp(max=0.5))
     terms |= {
         "threshold": (torch.sigmoid(fused) - border).abs()[band > 0].mean(),
-        "binary": F.binary_cross_entropy_with_logits(k * (probs - torch.sigmoid(fused)), target) / k,
+        "binary": F.binary_cross_entropy_with_logits(k * (probs - thresh), target) / k,
     }
     if mode == "multiclass":
         weight = band.amax(1)
