@@ -42,7 +42,6 @@ __all__ = [
     "edge_loss",
     "grad_scale",
     "mask_logits",
-    "rival_share",
     "sdf_loss",
     "signed_distance",
     "symmetric_threshold",
@@ -148,11 +147,10 @@ def binarization_loss(
     ``>> 1/k``; its gradient never vanishes for confidently wrong pixels (a Dice on B would, like exp(-k |P - T|)).
     For any fixed T in (0, 1) the loss decreases as P moves towards the mask.
 
-    Multiclass mode binarises every class's :func:`rival_share` q_c (its softmax probability against its strongest
-    rival: P_c itself for C = 2, above 1/2 exactly where c wins the argmax), the background's too, on every pixel,
-    absent classes included. The bar is T_c held on the target's side of 1/2 (``max(T, 1/2)`` on class c,
-    ``min(T, 1/2)`` elsewhere; 1/2 for the background, which has no T): T still raises it near edges but can no
-    longer lower it past the argmax, so the term is ~0 only where each pixel's argmax is its class. Multilabel
+    Multiclass mode binarises every class's softmax probability, the background's too, on every pixel, absent
+    classes included, against a bar held on the target's side of 1/2: ``max(T_c, 1/2)`` on class c, ``min(T_c,
+    1/2)`` elsewhere, 1/2 for the background (it has no T). T still raises the bar near edges but can no longer
+    lower it past 1/2, so the term is ~0 only where P_y > 1/2 for each pixel's class y: its argmax. Multilabel
     mode: each channel's sigmoid against T, as in binary mode.
 
     Args:
@@ -168,34 +166,19 @@ def binarization_loss(
     if detach_threshold:
         thresh = thresh.detach()
     if mode == MULTICLASS_MODE:
-        # P_k < T_k for every lesion class k leaves the argmax open for C > 2 (0.33, 0.39, 0.28 meets T = 0.5 and
-        # predicts class 1). Every class's rival share against a bar held on the target's side of 1/2 decides it;
-        # the background (no T of its own) is binarised at 1/2, the argmax itself.
+        # P_k < T_k for the lesion classes alone leaves the argmax open for C > 2 (0.33, 0.39, 0.28 meets T = 0.5
+        # and predicts class 1). Every class, the background too (at 1/2: it has no T), against a bar held on the
+        # target's side of 1/2 decides it: P_c > 1/2 makes c the argmax.
         mask = torch.cat([1.0 - mask.float().amax(1, keepdim=True), mask.float()], 1)
         thresh = torch.cat([torch.full_like(thresh[:, :1], 0.5), thresh], 1)
         bar = torch.where(mask.bool(), thresh.clamp_min(0.5), thresh.clamp_max(0.5))
-        logits = steepness * (rival_share(mask_logits) - bar)
+        logits = steepness * (class_probability(mask_logits, mode) - bar)
     else:
         logits = steepness * (target_slice(class_probability(mask_logits, mode), mode) - thresh)
     if weight is None:
         return F.binary_cross_entropy_with_logits(logits, mask.float()) / steepness
     bce = F.binary_cross_entropy_with_logits(logits, mask.float(), reduction="none")
     return _mean(bce, weight) / steepness
-
-
-def rival_share(logits: Tensor) -> Tensor:
-    """Each class's softmax probability against its strongest rival, ``q_c = (1 + P_c - max_{j != c} P_j) / 2``.
-
-    In [0, 1]; above 1/2 exactly where c is the argmax (1/2 on a tie), equal to P_c for two classes. The gradient
-    reaches c and its rival (the runner-up for the winner, the winner for every other class).
-
-    Shape:
-        (B, C, H, W) logits, C >= 2 -> (B, C, H, W) float32
-    """
-    probs = torch.softmax(logits.float(), dim=1)
-    top = probs.topk(2, dim=1).values
-    rival = torch.where(probs >= top[:, :1], top[:, 1:], top[:, :1])
-    return 0.5 * (1.0 + probs - rival)
 
 
 def boundary_loss(mask_logits: Tensor, mask: Tensor, band: Tensor, *, mode: str = BINARY_MODE) -> Tensor:

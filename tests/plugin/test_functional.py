@@ -335,9 +335,9 @@ class ClassCase:
         self.threshold_logits = torch.logit(self.border.double()).float()
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
-        """What the binarisation reads of each target class: the rival share (multiclass, classes 1 and 2), else the
-        sigmoid."""
-        return fn.rival_share(logits)[:, 1:] if self.mode == "multiclass" else fn.class_probability(logits, self.mode)
+        """P of each target class: softmax over the 3 classes (multiclass, classes 1 and 2), else the sigmoid."""
+        probs = fn.class_probability(logits, self.mode)
+        return probs[:, 1:] if self.mode == "multiclass" else probs
 
 
 @pytest.fixture(scope="module", params=["multiclass", "multilabel"])
@@ -376,8 +376,8 @@ def test_terms_alone_reach_their_targets_for_every_class(class_case: ClassCase) 
     thresh = _minimise(lambda x: fn.threshold_loss(x, c.border, c.band), c.border.shape, std=2.0)
     close = (torch.sigmoid(thresh) - c.border).abs() < 0.05
     assert close[c.band > 0].float().mean().item() >= 0.99
-    # Binarisation (T fixed at the border map): the model's own probability of class k (multiclass: its share
-    # against its rival) exceeds T_k exactly on k; multiclass: the argmax is each pixel's class, background included.
+    # Binarisation (T fixed at the border map): the model's own probability of class k exceeds T_k exactly on k;
+    # multiclass: the argmax is each pixel's class, background included.
     logits = _minimise(
         lambda x: fn.binarization_loss(x, c.threshold_logits, c.y, DB_STEEPNESS, mode=c.mode), c.all.shape, std=2.0
     )

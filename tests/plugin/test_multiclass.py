@@ -39,14 +39,12 @@ def _expected_terms(mode: str, logits, maps, y, config) -> dict[str, torch.Tenso
     k = config.db_steepness
     depth = 1.0 - band  # d / D, 0 on the boundary pixels
     if config.main_target == "sdf":
-        terms = {"sdf": (torch.tanh(main) - torch.where(target > 0, depth, -depth)).abs().mean()}
+        terms = {"main": (torch.tanh(main) - torch.where(target > 0, depth, -depth)).abs().mean()}
     else:
-        terms = {"core": F.binary_cross_entropy_with_logits(main, core)}
+        terms = {"main": F.binary_cross_entropy_with_logits(main, core)}
     thresh = torch.sigmoid(fused)
-    if mode == "multiclass":  # every class against its strongest rival; the bar on the target's side of 1/2
-        every = torch.softmax(logits, 1)
-        rival = torch.stack([torch.cat([every[:, :c], every[:, c + 1 :]], 1).amax(1) for c in range(3)], 1)
-        probs, target = (1 + every - rival) / 2, _one_hot(y, 3)
+    if mode == "multiclass":  # every class, the background at 1/2; the bar on the target's side of 1/2
+        probs, target = torch.softmax(logits, 1), _one_hot(y, 3)
         thresh = torch.cat([torch.full_like(thresh[:, :1], 0.5), thresh], 1)
         thresh = torch.where(target > 0, thresh.clamp(min=0.5), thresh.clamp(max=0.5))
     terms |= {
@@ -76,8 +74,7 @@ def test_total_is_the_weighted_sum_of_terms_computed_by_hand(mode):
     expected = expected_mask
     for name, value in _expected_terms(mode, logits, maps, y, criterion.config).items():
         torch.testing.assert_close(criterion.last_terms[name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
-        weight = "w_core" if name == "sdf" else f"w_{name}"  # the main map's term, whichever its target
-        expected = expected + getattr(criterion.config, weight) * value
+        expected = expected + getattr(criterion.config, f"w_{name}") * value
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -111,12 +108,12 @@ def test_boundary_aimed_options_are_per_class(mode):
     logits = model(images())
     maps = model._pending  # the maps the loss is about to take
     criterion(logits, y).backward()
-    assert set(criterion.last_terms) == {"mask", "sdf", "threshold", "binary", "total"}
+    assert set(criterion.last_terms) == {"mask", "main", "threshold", "binary", "total"}
     labels = check_labels(y, mode, 3, "test")
     _, border = adst_targets(labels.y, mode="multilabel")
     sdf = fn.signed_distance(border, labels.y.float(), 0.3, 0.7)
     main = maps.main[:, 1:] if mode == "multiclass" else maps.main
-    torch.testing.assert_close(criterion.last_terms["sdf"], fn.sdf_loss(main, sdf).detach())
+    torch.testing.assert_close(criterion.last_terms["main"], fn.sdf_loss(main, sdf).detach())
     for k in range(labels.y.shape[1]):  # each channel is the binary signed distance of its class
         _, border_k = adst_targets(labels.y[:, k : k + 1])
         torch.testing.assert_close(sdf[:, k : k + 1], fn.signed_distance(border_k, labels.y[:, k : k + 1], 0.3, 0.7))
@@ -211,7 +208,7 @@ def test_ignored_pixels_end_to_end():
     core, _ = adst_targets(y, mode="multiclass", classes=3, ignore_index=IGNORE)
     valid = ~ignored[:, 1:]
     bce = F.binary_cross_entropy_with_logits(maps.main[:, 1:], core, reduction="none")
-    torch.testing.assert_close(criterion.last_terms["core"], bce[valid].mean().detach())
+    torch.testing.assert_close(criterion.last_terms["main"], bce[valid].mean().detach())
     assert criterion.ignore_index == IGNORE and criterion.target_kwargs["ignore_index"] == IGNORE
     with pytest.raises(ValueError, match=r"\[255\]"):  # the same mask without ignore_index is refused
         model = wrap_with_adst(tiny_model(3))
