@@ -13,7 +13,7 @@ from multiclass_cases import class_indices, images, multilabel_mask, smp_loss, t
 from scipy_reference import reference_targets
 from torch.utils.data import DataLoader, TensorDataset
 
-from adst_plugin import ADSTLoss, ADSTTargetCollate, wrap_with_adst
+from adst_plugin import ADSTLoss, ADSTTargetCollate, modes, wrap_with_adst
 from adst_plugin import targets as targets_module
 from adst_plugin.constants import THRESH_MIN
 from adst_plugin.targets import adst_targets, border_map, core_map
@@ -229,3 +229,61 @@ def test_cuda_masks_stay_on_the_device_and_match_the_host():
     expected = adst_targets(index, mode="multiclass", classes=4)
     assert torch.equal(core.cpu(), expected[0])
     torch.testing.assert_close(border.cpu(), expected[1], rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One definition of the per-class masks, for the loss's targets and adst_targets alike
+# --------------------------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(case=class_masks(), ignore=st.sampled_from([None, 1, 2, 255, -1]))
+def test_class_masks_dense_and_present_pairs_agree_with_the_definition(case, ignore):
+    index, classes = case
+    index = torch.from_numpy(index)
+    if ignore is not None:  # unlabelled pixels over a third of each image, whatever their class was
+        index[..., : index.shape[-1] // 3] = ignore
+    labelled, dense = modes.class_masks(index, classes, ignore)
+    keep = index != ignore if ignore is not None else torch.ones_like(index, dtype=torch.bool)
+    for k in range(1, classes):
+        assert torch.equal(dense[:, k - 1], (index == k) & keep)
+    assert torch.equal(labelled, torch.where(keep, index, 0))
+    pairs, masks = modes.class_masks(index, classes, ignore, present_only=True)
+    flat = dense.flatten(0, 1)
+    assert torch.equal(pairs, flat.flatten(1).any(1).nonzero().squeeze(1))
+    assert torch.equal(masks, flat[pairs])
+
+
+def _with_unlabelled(ignore_index: int, classes: int) -> torch.Tensor:
+    """Class indices with a stripe of ``ignore_index`` across class 1's disc and class 2's block of image 0."""
+    index = class_indices(2, 32)
+    index[0, 14:19, :] = ignore_index
+    index[1, :, 28:] = ignore_index
+    if classes > 3:
+        index[1, 2:9, 2:12] = 3
+    return index
+
+
+@pytest.mark.parametrize(("classes", "ignore_index"), [(3, 1), (3, 2), (4, 2), (3, 255)])
+def test_an_unlabelled_value_inside_the_classes_is_in_no_class_on_both_paths(classes, ignore_index):
+    """A label set may reserve a class index in [1, C) for "unlabelled": its pixels are then in no class, in the
+    loss's own targets as in ADSTTargetCollate's, and the two paths give the same targets and the same loss."""
+    index = _with_unlabelled(ignore_index, classes)
+    cut = index.masked_fill(index == ignore_index, 0)  # the same mask without the unlabelled stripe
+    expected = adst_targets(cut, mode="multiclass", classes=classes)
+    collated = adst_targets(index, mode="multiclass", classes=classes, ignore_index=ignore_index)
+    labels = modes.check_labels(index, "multiclass", classes, "here", ignore_index)
+    from_loss = adst_targets(labels.y, mode="multilabel")  # what the loss builds from its labels
+    for got in (collated, from_loss):
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    if 1 <= ignore_index < classes:
+        assert not labels.y[:, ignore_index - 1].any() and not expected[0][:, ignore_index - 1].any()
+    assert (labels.index == cut).all()
+    totals = []
+    for precomputed in (False, True):
+        model = wrap_with_adst(tiny_model(classes))
+        criterion = ADSTLoss(model, base_loss=smp_loss("multiclass", ignore_index=ignore_index))
+        samples = [(x, m) for x, m in zip(images(), index, strict=True)]
+        _, masks, targets = ADSTTargetCollate(**criterion.target_kwargs)(samples)
+        totals.append(criterion(model(images()), masks, targets if precomputed else None))
+    assert torch.equal(totals[0], totals[1])
