@@ -62,7 +62,7 @@ class StepMaskCheck:
 
     Example:
         >>> check = StepMaskCheck("ADSTLoss")
-        >>> y = check(lambda: check_mask(mask, "ADSTLoss"), mask)  # per call; immediate=True in eval mode
+        >>> y = check(check_mask, mask, "ADSTLoss")  # check_mask(mask, "ADSTLoss"); immediate=True in eval mode
     """
 
     def __init__(self, where: str):
@@ -71,20 +71,20 @@ class StepMaskCheck:
         self._pending: deque[_Verdict] = deque()
         self._calls = 0
 
-    def __call__(self, validate: Callable[[], T], mask: Any, *, immediate: bool = False) -> T:
-        """``validate()``, a validator of ``mask``; ``immediate``: read every verdict now (no training step)."""
+    def __call__(self, validate: Callable[..., T], mask: Any, *args: Any, immediate: bool = False) -> T:
+        """``validate(mask, *args)``; ``immediate``: read every verdict now (no training step)."""
         self._calls += 1
         self.raise_failed(wait=immediate)
         device = mask.device if isinstance(mask, Tensor) else None
         if immediate or device is None or device.type not in DEFERRED_DEVICES:
-            return validate()
+            return validate(mask, *args)
         key = (tuple(mask.shape), mask.dtype, device)
         if key not in self._seen:
-            result = validate()
+            result = validate(mask, *args)
             self._seen.add(key)
             return result
         with deferred_value_checks() as verdicts:
-            result = validate()
+            result = validate(mask, *args)
         if verdicts:
             ok = verdicts[0] if len(verdicts) == 1 else torch.stack(verdicts).all()
             self._pending.append(_Verdict(ok, self._calls))

@@ -7,17 +7,21 @@ and ``ignore_index`` from the base loss or ``ignore_index=``. In training mode::
 
     total = w_mask * base(logits, y) + aux_scale * sum_t w_t * term_t
 
-with the terms of the model's :class:`~adst_plugin.presets.ADSTConfig` (pure functions in
-:mod:`adst_plugin.functional`; ``core`` and ``border`` targets built on the fly on the mask's device, or
-passed in). In eval mode (or with ``model=None``) the loss is ``base(logits, y)`` alone, so a logged
-validation loss is comparable with a plain model's. ``aux_scale`` (1 by default) lets a loop fade the
-auxiliary terms out.
+with the terms of the model's :class:`~adst_plugin.presets.ADSTConfig` (:mod:`adst_plugin.terms`). The ``core``
+and ``border`` targets are passed in, or built on the fly where the mask is (:mod:`adst_plugin.targets`); either
+way they, and the mask, meet the logits on the logits' device. In eval mode (or with ``model=None``) the loss is
+``base(logits, y)`` alone, so a logged validation loss is comparable with a plain model's. ``aux_scale`` (1 by
+default) lets a loop fade the auxiliary terms out.
+
+A call goes down the package once: the hand-over of the maps (:mod:`adst_plugin.wrapper`), every check of the
+inputs (:mod:`adst_plugin._checks`, :mod:`adst_plugin.modes`), the targets, then the terms
+(:mod:`adst_plugin.terms` over :mod:`adst_plugin.functional`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,14 +29,21 @@ from torch import Tensor, nn
 from ._checks import check_bchw, check_mask_matches
 from ._step_checks import StepMaskCheck
 from .functional import mask_logits
+from .head import HeadMaps
 from .mask_losses import DiceBCELoss, DiceCELoss, default_mask_loss
-from .modes import MULTICLASS_MODE, MULTILABEL_MODE, check_labels, loss_ignore_index, resolve_mode, target_channels
-from .presets import LOSS_WEIGHTS, ADSTConfig, get_config
+from .modes import (
+    BINARY_MODE,
+    MULTILABEL_MODE,
+    Labels,
+    check_labels,
+    loss_ignore_index,
+    resolve_mode,
+    target_channels,
+)
+from .presets import LOSS_WEIGHTS, ADSTConfig, get_config, renamed_fields
 from .targets import adst_targets
 from .terms import aux_terms
-
-if TYPE_CHECKING:
-    from .wrapper import ADSTModel
+from .wrapper import ADSTModel, unwrap_model
 
 __all__ = ["ADSTLoss", "DiceBCELoss", "DiceCELoss"]
 
@@ -49,15 +60,6 @@ LOSS_FIELDS = (
 )
 
 
-def _unwrap(model: Any) -> Any:
-    # DDP keeps the module in .module, torch.compile in ._orig_mod.
-    for _ in range(4):
-        if hasattr(type(model), "pop_maps"):  # the class: OptimizedModule forwards attribute look-ups
-            return model
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-    return model
-
-
 class ADSTLoss(nn.Module):
     """Loss for a model wrapped with :func:`~adst_plugin.wrap_with_adst`.
 
@@ -72,7 +74,7 @@ class ADSTLoss(nn.Module):
         mode: ``"binary"``, ``"multiclass"`` or ``"multilabel"``; needed only when neither the base loss
             (``.mode``) nor the model says it and the model has C > 1 classes. Must agree with both.
         ignore_index: mask value of pixels that train no term; default: the base loss's ``ignore_index``.
-        **overrides: loss weights (``w_mask``, ``w_core``, ``w_edge``, ``w_fused``, ``w_threshold``, ``w_binary``,
+        **overrides: loss weights (``w_mask``, ``w_main``, ``w_edge``, ``w_fused``, ``w_threshold``, ``w_binary``,
             ``w_boundary``) and target/binarisation parameters; the rest come from ``model.config``.
 
     After each call ``last_terms`` holds the detached terms (``mask``, the auxiliary terms of the config, and
@@ -98,12 +100,13 @@ class ADSTLoss(nn.Module):
         for name, fn in (("base_loss", base_loss), ("fused_loss", fused_loss)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"ADSTLoss: expected {name} to be callable, got {type(fn).__name__}")
+        overrides = renamed_fields(overrides, "ADSTLoss")
         unknown = sorted(set(overrides) - set(LOSS_FIELDS))
         if unknown:
             raise TypeError(f"ADSTLoss: unknown option(s) {unknown}; valid options are {list(LOSS_FIELDS)}")
         if not aux_scale >= 0:
             raise ValueError(f"ADSTLoss: expected aux_scale >= 0, got {aux_scale}")
-        wrapped = _unwrap(model) if model is not None else None
+        wrapped = unwrap_model(model, ADSTModel) if model is not None else None
         if model is not None and wrapped is None:
             raise TypeError(
                 f"ADSTLoss: expected the model returned by wrap_with_adst (or None), got {type(model).__name__}"
@@ -148,9 +151,9 @@ class ADSTLoss(nn.Module):
                 (smp ``aux_params``).
             mask: ground truth: binary (B, 1, H, W) bool, {0, 1} or uint8 {0, 255}; multiclass (B, H, W) or
                 (B, 1, H, W) integer class indices; multilabel (B, C, H, W) in {0, 1}. Values equal to
-                ``ignore_index`` are ignored.
+                ``ignore_index`` are ignored. On any device: it is moved to the logits'.
             targets: optional precomputed ``(core, border)`` from :func:`adst_plugin.targets.adst_targets`,
-                (B, K, H, W) each.
+                (B, K, H, W) each, on any device.
         Returns:
             Scalar loss.
         Raises:
@@ -159,65 +162,85 @@ class ADSTLoss(nn.Module):
             ValueError: the logits are not the output of the model's last training forward (or computed from it);
                 bad masks (on CUDA, after the first batch of a shape, at a later call: see ``_step_checks``).
         """
-        model = self.model
-        training = model is not None and model.training
-        logits = mask_logits(logits)
-        # First, whatever fails below: the maps of the last training forward, checked to be that of these logits.
-        maps = model.pop_maps(logits if training else None) if model is not None else None
-        logits = check_bchw(logits, "mask logits", "ADSTLoss", channels=self.classes or None)
-        # A training step (without a model: logits with a graph) defers the value check's read-back on CUDA.
-        in_step = training if model is not None else logits.requires_grad
-        labels = self._mask_check(
-            lambda: check_labels(mask, self.mode, logits.shape[1], "ADSTLoss", self.ignore_index),
-            mask,
-            immediate=not in_step,
-        )
-        check_mask_matches(labels.y, logits, "ADSTLoss")
-        target = labels.y.to(device=logits.device, dtype=logits.dtype)
-        base_target = target if labels.base is labels.y else _base_target(labels.base, logits)
-        mask_term = self.base_loss(logits, base_target)
-        if not training:
-            self.last_terms = {"mask": mask_term.detach(), "total": mask_term.detach()}
-            return mask_term
+        maps, logits = self._take_maps(logits)
+        labels = self._validate(logits, mask, maps, targets)
+        on_logits = _to_logits(labels, logits)
+        mask_term = self.base_loss(logits, on_logits.base)
         if maps is None:
+            return self._log(mask_term, {}, mask_term)
+        core, border = self._targets(labels, targets, logits.device)
+        terms = aux_terms(
+            self.config,
+            maps,
+            logits,
+            on_logits.y,
+            core,
+            border,
+            fused_loss=self.fused_loss,
+            fused_target=on_logits.base,
+            mode=self.mode,
+            valid=on_logits.valid,
+            index=on_logits.index,
+        )
+        aux = sum(weight * value for weight, value in terms.values())
+        return self._log(mask_term, terms, self.config.w_mask * mask_term + self.aux_scale * aux)
+
+    def _take_maps(self, output: Tensor | tuple[Tensor, ...]) -> tuple[HeadMaps | None, Tensor]:
+        # The mask logits, and the head's maps of the training forward they came from (None in eval mode, without a
+        # model, or when no training forward ran: _validate says which). Taken first, so that whatever fails below,
+        # they are taken and never reach a later call.
+        logits = mask_logits(output)
+        if self.model is None:
+            return None, logits
+        training = self.model.training
+        return self.model.pop_maps(logits if training else None), logits  # checks the pairing in training
+
+    def _validate(
+        self, logits: Tensor, mask: Any, maps: HeadMaps | None, targets: tuple[Tensor, Tensor] | None
+    ) -> Labels:
+        # Every check of the call, before any term: the inputs, the mask's one value check (a training step reads its
+        # verdict back later, without a sync, where it can: _step_checks), the maps a training call needs, and given
+        # targets. Returns the mask's forms on the mask's device.
+        check_bchw(logits, "mask logits", "ADSTLoss", channels=self.classes)
+        training = self.model is not None and self.model.training
+        in_step = training if self.model is not None else logits.requires_grad  # no model: logits with a graph
+        args = (self.mode, logits.shape[1], "ADSTLoss", self.ignore_index)
+        labels = self._mask_check(check_labels, mask, *args, immediate=not in_step)
+        check_mask_matches(labels.y, logits, "ADSTLoss")
+        if training and maps is None:
             raise RuntimeError(
                 "ADSTLoss: the model is in training mode but ran no training forward since the last loss call; "
                 "call model(images) once before each criterion(logits, masks), with grad enabled (a forward under "
                 "torch.no_grad() runs no head; for a validation loss call model.eval() first)"
             )
-        if maps.main.shape[0] != logits.shape[0] or maps.main.shape[-2:] != logits.shape[-2:]:
+        if maps is not None and (maps.main.shape[0] != logits.shape[0] or maps.main.shape[-2:] != logits.shape[-2:]):
             raise ValueError(
                 f"ADSTLoss: the head's maps {tuple(maps.main.shape)} do not match the logits {tuple(logits.shape)}; "
                 "give the loss the model's output uncropped (the maps cannot be cropped the same way)"
             )
-        c = self.config
-        if targets is None:
-            # The validated target classes, one {0, 1} channel each: no second value check.
-            mode = self.mode if self.mode != MULTICLASS_MODE and labels.valid is None else MULTILABEL_MODE
-            kwargs = {**self.target_kwargs, "mode": mode, "classes": labels.y.shape[1], "ignore_index": None}
-            core, border = adst_targets(labels.y, **kwargs)
-        else:
-            core, border = targets
+        if maps is not None and targets is not None:
             channels = target_channels(self.mode, logits.shape[1])
-            for name, value in (("core", core), ("border", border)):
+            for name, value in zip(("core", "border"), targets, strict=True):
                 check_bchw(value, name, "ADSTLoss", channels=channels)
                 check_mask_matches(value, logits, f"ADSTLoss ({name})")
-            core, border = core.to(logits.device), border.to(logits.device)
-        terms = aux_terms(
-            c,
-            maps,
-            logits,
-            target,
-            core,
-            border,
-            fused_loss=self.fused_loss,
-            fused_target=base_target,
-            mode=self.mode,
-            valid=None if labels.valid is None else labels.valid.to(logits.device),
-            index=None if labels.index is None else labels.index.to(logits.device),
-        )
-        aux = sum(weight * value for weight, value in terms.values())
-        total = c.w_mask * mask_term + self.aux_scale * aux
+        return labels
+
+    def _targets(
+        self, labels: Labels, targets: tuple[Tensor, Tensor] | None, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        # The core and border maps: given, or built where the mask is (the OpenCV engine for a CPU mask); on the
+        # logits' device either way.
+        if targets is None:
+            # From the validated target classes, one {0, 1} channel each: no second value check. A binary mask
+            # without ignored pixels keeps the binary form; every other is K binary channels.
+            binary = self.mode == BINARY_MODE and labels.valid is None
+            kwargs = {**self.target_kwargs, "ignore_index": None, "classes": labels.y.shape[1]}
+            targets = adst_targets(labels.y, **{**kwargs, "mode": BINARY_MODE if binary else MULTILABEL_MODE})
+        core, border = targets
+        return core.to(device), border.to(device)
+
+    def _log(self, mask_term: Tensor, terms: dict[str, tuple[float, Tensor]], total: Tensor) -> Tensor:
+        # last_terms, detached, for logging; returns the total.
         self.last_terms = {"mask": mask_term.detach(), **{k: v.detach() for k, (_, v) in terms.items()}}
         self.last_terms["total"] = total.detach()
         return total
@@ -241,8 +264,15 @@ def _resolve_ignore_index(ignore_index: int | None, base_loss: Any) -> int | Non
     return ignore_index
 
 
-def _base_target(base: Tensor, logits: Tensor) -> Tensor:
-    # The mask as the base loss takes it: long class indices (multiclass), else in the logits' dtype.
-    if base.dtype == torch.long:
-        return base.to(logits.device)
-    return base.to(device=logits.device, dtype=logits.dtype)
+def _to_logits(labels: Labels, logits: Tensor) -> Labels:
+    # The mask's forms on the logits' device: the target classes in the logits' dtype, the base loss's mask as it
+    # takes it (long class indices, else the logits' dtype).
+    device = logits.device
+    y = labels.y.to(device=device, dtype=logits.dtype)
+    if labels.base is labels.y:
+        base = y
+    else:
+        base = labels.base.to(device) if labels.base.dtype == torch.long else labels.base.to(device, logits.dtype)
+    valid = None if labels.valid is None else labels.valid.to(device)
+    index = None if labels.index is None else labels.index.to(device)
+    return Labels(y, base, valid, index)

@@ -25,6 +25,9 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +42,11 @@ __all__ = [
     "LOSS_WEIGHTS",
     "MAIN_TARGETS",
     "PRESETS",
+    "RENAMED_FIELDS",
     "THRESHOLD_TARGETS",
     "ADSTConfig",
     "get_config",
+    "renamed_fields",
 ]
 
 #: What the head reads: the output of the ``features`` submodule, or the mask logits (1 channel).
@@ -56,8 +61,42 @@ MAIN_TARGETS = ("core", "sdf")
 #: What the threshold map T is supervised by: the border map on the border band (DBNet), or the symmetric target
 #: 0.5 + (max - min) / 2 * s on every pixel (zero margin on the true edge).
 THRESHOLD_TARGETS = ("border", "symmetric")
-#: The loss-weight fields of :class:`ADSTConfig`, in the order of ``ADSTLoss.last_terms``.
-LOSS_WEIGHTS = ("w_mask", "w_core", "w_edge", "w_fused", "w_threshold", "w_binary", "w_boundary")
+#: The loss-weight fields of :class:`ADSTConfig`, in the order of ``ADSTLoss.last_terms``; ``w_<x>``'s term is
+#: logged as ``<x>``.
+LOSS_WEIGHTS = ("w_mask", "w_main", "w_edge", "w_fused", "w_threshold", "w_binary", "w_boundary")
+#: Former names of :class:`ADSTConfig` fields (former -> current): still accepted as keywords, with a
+#: ``DeprecationWarning``, until the next release, and read silently from recorded configs (:func:`renamed_fields`).
+RENAMED_FIELDS = {"w_core": "w_main"}
+
+
+def renamed_fields(values: Mapping[str, Any], where: str | None = None, stacklevel: int = 3) -> dict[str, Any]:
+    """``values`` with each former field name (:data:`RENAMED_FIELDS`) replaced by its current one.
+
+    Args:
+        values: field name -> value (keywords, or a recorded config such as a run's ``adst_config``).
+        where: the caller, for the warning; None reads a record: no warning.
+        stacklevel: the warning's stack level, counted from this function (3: the caller's caller).
+    Raises:
+        TypeError: a former name and its current one both given.
+    """
+    out = dict(values)
+    for former, current in RENAMED_FIELDS.items():
+        if former not in out:
+            continue
+        if current in out:
+            raise TypeError(
+                f"{where or 'ADSTConfig'}: got both {former}= and {current}=; {former} is the former name of "
+                f"{current}: give {current} alone"
+            )
+        if where is not None:
+            warnings.warn(
+                f"{where}: {former}= is now {current}= (the main map's term, whatever main_target it regresses); "
+                f"the former name goes in the next release",
+                DeprecationWarning,
+                stacklevel=stacklevel,
+            )
+        out[current] = out.pop(former)
+    return out
 
 
 @dataclass(frozen=True)
@@ -80,12 +119,13 @@ class ADSTConfig:
         db_steepness: k of the binarisation ``sigmoid(k (P - T))``.
         detach_threshold: T enters the binarisation detached, so the binary term trains the model's logits
             only and T is shaped by the border map alone.
-        main_target: see :data:`MAIN_TARGETS`; the ``w_core`` term regresses it.
+        main_target: see :data:`MAIN_TARGETS`; the ``w_main`` term regresses it.
         threshold_target: see :data:`THRESHOLD_TARGETS`; the ``w_threshold`` term regresses it.
 
     Loss weights (0 switches a term off; a term that does not apply to the role must be 0):
         w_mask: base loss on the mask logits.
-        w_core: the main map's term: BCE against the core map, or L1 of tanh against the signed distance.
+        w_main: the main map's term (``main``): L1 of tanh against the signed distance, or BCE against the core
+            map. ``w_core=``, its former name, is accepted until the next release, with a ``DeprecationWarning``.
         w_edge: BCE of the Laplacian edge map against the border map (paper; needs ``edge_input="logits"``).
         w_fused: base loss of the fused map against the mask (``fused_role="mask"``).
         w_threshold: L1 of sigmoid(T) against the border map inside the border band (``"threshold"``).
@@ -109,7 +149,7 @@ class ADSTConfig:
     main_target: str = "sdf"
     threshold_target: str = "border"
     w_mask: float = 1.0
-    w_core: float = 1.0
+    w_main: float = 1.0
     w_edge: float = 0.0
     w_fused: float = 0.0
     w_threshold: float = 10.0
@@ -150,8 +190,15 @@ class ADSTConfig:
         check_number(self.shrink_ratio, "shrink_ratio", where, low=0.0, high=1.0, open_low=True, open_high=True)
         check_thresholds(self.thresh_min, self.thresh_max, where)
 
+    @property
+    def w_core(self) -> float:
+        """The former name of :attr:`w_main`, read with a ``DeprecationWarning`` until the next release."""
+        warnings.warn("ADSTConfig.w_core is now w_main", DeprecationWarning, stacklevel=2)
+        return self.w_main
+
     def replace(self, **overrides: Any) -> ADSTConfig:
         """A copy with some fields changed; unknown names raise a ``TypeError`` that lists the valid ones."""
+        overrides = renamed_fields(overrides, "ADSTConfig.replace")
         valid = [f.name for f in dataclasses.fields(self)]
         unknown = sorted(set(overrides) - set(valid))
         if unknown:
@@ -159,14 +206,24 @@ class ADSTConfig:
         return dataclasses.replace(self, **overrides)
 
     def term_names(self) -> dict[str, str]:
-        """Loss-weight field -> the name its term has in ``ADSTLoss.last_terms`` and the logs: ``w_x`` -> ``x``,
-        except ``w_core``, whose term is named after :attr:`main_target` (``"core"`` or ``"sdf"``)."""
-        return {w: self.main_target if w == "w_core" else w.removeprefix("w_") for w in LOSS_WEIGHTS}
+        """Loss-weight field -> the name its term has in ``ADSTLoss.last_terms`` and the logs: ``w_x`` -> ``x``."""
+        return {w: w.removeprefix("w_") for w in LOSS_WEIGHTS}
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (for run configs and logs)."""
         return dataclasses.asdict(self)
 
+
+def _accepting_former_names(init: Callable[..., None]) -> Callable[..., None]:
+    # The dataclass's own __init__, taking the former field names too (RENAMED_FIELDS), with a warning.
+    @functools.wraps(init)
+    def init_with_former_names(self: ADSTConfig, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **renamed_fields(kwargs, "ADSTConfig"))
+
+    return init_with_former_names
+
+
+ADSTConfig.__init__ = _accepting_former_names(ADSTConfig.__init__)  # type: ignore[method-assign]
 
 #: The named configurations; see the module docstring.
 PRESETS: dict[str, ADSTConfig] = {
@@ -202,6 +259,7 @@ def get_config(preset: str | ADSTConfig = DEFAULT_PRESET, **overrides: Any) -> A
         >>> get_config("paper", head_input="features", feature_grad=0.0) == PRESETS["legacy"]
         True
     """
+    overrides = renamed_fields(overrides, "get_config")
     if isinstance(preset, ADSTConfig):
         base = preset
     elif preset in PRESETS:

@@ -69,11 +69,8 @@ def aux_terms(
     needs_sdf = c.main_target == "sdf" or (c.fused_role == "threshold" and c.threshold_target == "symmetric")
     sdf = signed_distance(border, target, c.thresh_min, c.thresh_max) if needs_sdf else None
     main = target_slice(maps.main, mode)
-    terms: dict[str, tuple[float, Tensor]] = {}
-    if c.main_target == "sdf":
-        terms["sdf"] = (c.w_core, sdf_loss(main, sdf, weight))
-    else:
-        terms["core"] = (c.w_core, core_loss(main, core, weight))
+    main_term = sdf_loss(main, sdf, weight) if c.main_target == "sdf" else core_loss(main, core, weight)
+    terms: dict[str, tuple[float, Tensor]] = {"main": (c.w_main, main_term)}
     if c.edge_input == "logits":
         terms["edge"] = (c.w_edge, edge_loss(target_slice(maps.edge, mode), border, weight))
     if c.fused_role == "mask":

@@ -31,7 +31,7 @@ from .functional import grad_scale
 from .head import ADSTHead, ADSTOutput, HeadMaps
 from .hooks import FeatureTap, _convs, feature_channels, resolve_module, strip_captures
 from .modes import check_mode
-from .presets import DEFAULT_PRESET, ADSTConfig, get_config
+from .presets import DEFAULT_PRESET, ADSTConfig, get_config, renamed_fields
 
 __all__ = ["ADSTModel", "HeadWrapper", "unwrap_model", "wrap_with_adst"]
 
@@ -363,4 +363,5 @@ def wrap_with_adst(
         fit the model's classes, unknown ``features`` path, invalid ``hidden_channels``, ``in_channels`` with
         ``head_input="logits"``.
     """
-    return ADSTModel(model, get_config(preset, **overrides), in_channels=in_channels, classes=classes, mode=mode)
+    config = get_config(preset, **renamed_fields(overrides, "wrap_with_adst"))
+    return ADSTModel(model, config, in_channels=in_channels, classes=classes, mode=mode)

@@ -159,7 +159,7 @@ class BUSIModel(L.LightningModule):
 class ADSTExtras(L.Callback):
     """Optional ADST extras: log each term of the loss and fade the auxiliary terms.
 
-    Logs ``train_<term>`` (epoch means of ``criterion.last_terms``: ``mask``, ``core``, ``threshold``, ``binary``,
+    Logs ``train_<term>`` (epoch means of ``criterion.last_terms``: ``mask``, ``main``, ``threshold``, ``binary``,
     ``total`` for ``preset="adst"``, plus ``boundary`` when ``w_boundary > 0``) and ``aux_scale``, which it sets
     at the start of every epoch with :func:`fade_factor` (1 throughout for ``aux_fade="none"``, the default).
     """

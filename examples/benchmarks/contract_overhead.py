@@ -59,17 +59,17 @@ def _contract_off(model, criterion) -> None:
         return pending
 
     model._hand_over = hand_over
-    criterion._mask_check = lambda validate, mask, immediate=False: validate()
+    criterion._mask_check = lambda validate, mask, *args, immediate=False: validate(mask, *args)
 
 
 class _DeferredHere(StepMaskCheck):
     """StepMaskCheck that defers this device's verdicts too (the CPU's are checked at once by default)."""
 
-    def __call__(self, validate, mask, *, immediate=False):
+    def __call__(self, validate, mask, *args, immediate=False):
         saved = _step_checks.DEFERRED_DEVICES
         _step_checks.DEFERRED_DEVICES = (*saved, mask.device.type)
         try:
-            return super().__call__(validate, mask, immediate=immediate)
+            return super().__call__(validate, mask, *args, immediate=immediate)
         finally:
             _step_checks.DEFERRED_DEVICES = saved
 
@@ -146,14 +146,14 @@ def main(argv: list[str] | None = None) -> None:
         out, other = model(x), model(x)
     sliced, copied = out[:, :1], out.clone()
     check_at_once, deferred = StepMaskCheck("bench"), _DeferredHere("bench")
-    deferred(lambda: check_mask(y, "bench"), y)  # the first batch of the shape: at once
+    deferred(check_mask, y, "bench")  # the first batch of the shape: at once
     pieces = {
         "pairing: the output": lambda: comes_from(out, out),
         "pairing: a slice": lambda: comes_from(sliced, out),
         "pairing: a copy (.clone())": lambda: comes_from(copied, out),
         "pairing: another forward (error path)": lambda: comes_from(other, out),
-        "mask check at once": lambda: check_at_once(lambda: check_mask(y, "bench"), y),
-        "mask check deferred": lambda: deferred(lambda: check_mask(y, "bench"), y),
+        "mask check at once": lambda: check_at_once(check_mask, y, "bench"),
+        "mask check deferred": lambda: deferred(check_mask, y, "bench"),
     }
     print(f"\n{'piece':<40} {'us/call':>9}")
     for name, fn in pieces.items():

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         before = term_norms(model, weights, batches)
         train(model, batches, args.train_steps, args.lr)
         after = term_norms(model, weights, batches)
-        names = model.config.term_names()  # w_core's term is "sdf" or "core", after main_target
+        names = model.config.term_names()
         for weight in before:
             term = names[weight]
             row = {"arm": name, "term": term, "weight": weights[weight], "init": before[weight],

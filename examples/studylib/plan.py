@@ -15,6 +15,7 @@ from adst_examples.cli import positive_int
 from adst_examples.studylib.config import RESUME_KEYS, StudyConfig, UsageError
 from adst_examples.training.checkpoints import jsonable, write_json
 from adst_examples.training.models import CONFIG_FIELDS, config_flag, head_settings
+from adst_plugin.presets import RENAMED_FIELDS, renamed_fields
 
 __all__ = [
     "Job",
@@ -113,9 +114,10 @@ def recorded_head(res: dict[str, Any]) -> Any:
 
     Runs from before the settings were recorded (no ``adst_config``) are resolved from their model flags as today,
     except the one default that changed since: ``--preset adst`` meant ``main_target="core"`` until 2026-12-03.
+    Fields recorded under a former name (``w_core``) are read under today's (``presets.RENAMED_FIELDS``).
     """
     if "adst_config" in res:
-        return res["adst_config"]
+        return None if res["adst_config"] is None else renamed_fields(res["adst_config"])
     args = res.get("model_args", {})
     if not {"no_adst", "preset"} <= set(args):
         return _UNKNOWN
@@ -129,7 +131,7 @@ def recorded_head(res: dict[str, Any]) -> Any:
 
 def _same_other_args(then: dict[str, Any], now: dict[str, Any]) -> bool:
     """The recorded model flags that are not head settings match today's (architecture, encoder, loss, peers)."""
-    skip = {*CONFIG_FIELDS, "preset"}
+    skip = {*CONFIG_FIELDS, *RENAMED_FIELDS, "preset"}
     return all(now.get(k) == v for k, v in then.items() if k not in skip)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,15 @@ from adst_plugin import (
     get_config,
     wrap_with_adst,
 )
-from adst_plugin.presets import EDGE_INPUTS, FUSED_ROLES, HEAD_INPUTS, MAIN_TARGETS, THRESHOLD_TARGETS
+from adst_plugin.presets import (
+    EDGE_INPUTS,
+    FUSED_ROLES,
+    HEAD_INPUTS,
+    MAIN_TARGETS,
+    RENAMED_FIELDS,
+    THRESHOLD_TARGETS,
+    renamed_fields,
+)
 
 __all__ = [
     "ARCHS",
@@ -121,8 +131,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             g.add_argument(flag, type=type(value), choices=_CHOICES.get(name), default=None, help=help_text)
+    for former in RENAMED_FIELDS:  # a renamed field's former flag, for one more release (config_overrides reads it)
+        g.add_argument(config_flag(former), type=float, action=_FormerFlag, default=None, help=argparse.SUPPRESS)
     add_peer_arguments(parser)
     return g
+
+
+class _FormerFlag(argparse.Action):
+    """A renamed field's former flag: stored under its former name, with a DeprecationWarning naming the new flag."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        # Attributed to the script run (the flag is on its command line), so Python's default filters show it.
+        message = f"{option} is now {config_flag(RENAMED_FIELDS[self.dest])}; the former flag goes in the next release"
+        warnings.warn_explicit(message, DeprecationWarning, sys.argv[0] or "<command line>", 0, module="__main__")
+        setattr(namespace, self.dest, values)
 
 
 def config_flag(name: str) -> str:
@@ -152,7 +174,8 @@ def check_model_args(args: argparse.Namespace) -> None:
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ADSTConfig fields given on the command line (the rest keep the preset's values)."""
-    return {name: getattr(args, name) for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name, None) for name in (*CONFIG_FIELDS, *RENAMED_FIELDS)}
+    return renamed_fields({name: value for name, value in given.items() if value is not None})
 
 
 def head_settings(args: argparse.Namespace) -> dict[str, Any] | None:

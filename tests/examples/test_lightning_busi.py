@@ -137,7 +137,7 @@ def test_lightning_checkpoint_and_plain_state_dict_load(run):
 def test_no_adst_is_the_plain_tutorial(fake_busi, tmp_path):
     result = recipe.main(["--root", str(fake_busi), "--out", str(tmp_path), "--epochs", "1", "--no-adst", *TINY])
     assert type(result.module.model) is smp.Unet and type(result.module.loss_fn) is smp.losses.DiceLoss
-    assert not any(r.get("train_sdf") or r.get("train_core") for r in read_log(tmp_path))
+    assert not any(r.get("train_main") for r in read_log(tmp_path))
     assert smp.from_pretrained(tmp_path / "exported").state_dict().keys() == fresh_plain().state_dict().keys()
     with pytest.raises(SystemExit):
         recipe.main(["--root", str(fake_busi), "--out", str(tmp_path), "--no-adst", "--aux-fade", "cosine"])
@@ -257,7 +257,7 @@ def test_fade_factor():
 def test_recipe_on_real_busi(tmp_path):
     result = recipe.main(["--root", str(BUSI), "--out", str(tmp_path), "--epochs", "1", *TINY])
     assert result.trainer.global_step == 2 and 0 <= result.metrics["test_dataset_iou"] <= 1
-    assert read_log(tmp_path)[-1]["train_sdf"]
+    assert read_log(tmp_path)[-1]["train_main"]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,11 @@ import pytest
 from scipy import stats as sps
 
 import adst_examples.studylib as study
-from adst_examples.studylib.plan import load_finished, recorded_head, run_dir
+from adst_examples.studylib.plan import _flag, load_finished, recorded_head, run_dir
 from adst_examples.studylib.report import _convergence
 from adst_examples.training.checkpoints import jsonable, write_json
 from adst_examples.training.models import head_settings
-from adst_plugin import get_config
+from adst_plugin import ADSTConfig, get_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,7 +114,7 @@ def test_the_rule_decides_among_the_finalists(seeds_b: int, b_better: bool) -> N
         if s < seeds_b:
             b_biou = 0.50 if b_better else 0.30
             results[study.Job("busi", "b", s)] = _result("busi", "b", s, 0.80, 0.71, val_biou=b_biou + s / 1000)
-    flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-core 0"}
+    flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-main 0"}
     for job in results:
         results[job]["arm_flags"] = flags[job.arm]
     report = study.build_report(results, ["busi"], ["baseline", "a", "b"], flags)
@@ -137,7 +138,7 @@ def test_an_excluded_finalist_is_named_and_the_pick_stays_provisional() -> None:
         results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70)
         results[study.Job("busi", "a", s)] = _result("busi", "a", s, 0.80, 0.69, val_biou=0.40)
     results[study.Job("busi", "b", 0)] = _result("busi", "b", 0, 0.80, 0.70, val_biou=0.30)
-    flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-core 0"}
+    flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-main 0"}
     for job in results:
         results[job]["arm_flags"] = flags[job.arm]
     report = study.build_report(results, ["busi"], ["baseline", "a", "b"], flags)
@@ -153,7 +154,7 @@ def test_with_no_finalist_the_pick_is_provisional_among_all_eligible_arms() -> N
         results[study.Job("busi", "baseline", s)] = _result("busi", "baseline", s, 0.80, 0.70)
         results[study.Job("busi", "a", s)] = _result("busi", "a", s, 0.80, 0.71, val_biou=0.40 + s / 1000)
     results[study.Job("busi", "b", 0)] = _result("busi", "b", 0, 0.80, 0.71, val_biou=0.50)
-    flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-core 0"}
+    flags = {"baseline": "--no-adst", "a": "--preset adst", "b": "--preset adst --w-main 0"}
     for job in results:
         results[job]["arm_flags"] = flags[job.arm]
     choice = study.build_report(results, ["busi"], ["baseline", "a", "b"], flags)["datasets"]["busi"]["choice"]
@@ -491,6 +492,51 @@ def test_runs_from_before_the_recorded_settings_resolve_to_the_preset_of_their_d
     assert recorded_head(res) == {**today, "main_target": then_target}
     assert recorded_head({**res, "adst_config": today}) == today  # a recorded run is read as recorded
     assert recorded_head({"model_args": vars(_args("--no-adst"))}) is None
+
+
+RECORDED_STUDY = Path(__file__).resolve().parents[2] / "docs" / "studies" / "boundary128"
+
+
+def test_runs_recorded_with_the_former_field_name_resume_and_report(tmp_path: Path) -> None:
+    # docs/studies/boundary128: runs whose adst_config and model_args hold w_core, w_main's former name.
+    out = tmp_path / "b128"
+    shutil.copytree(RECORDED_STUDY, out)
+    path = next(out.glob("runs/busi/adst/seed0/result.json"))
+    res = json.loads(path.read_text())
+    assert "w_core" in res["adst_config"] and "w_core" in res["model_args"]  # as recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # reading a record is no use of the former name
+        then = recorded_head(res)
+    assert then == dataclasses.asdict(ADSTConfig(**then)) and then["w_main"] == res["adst_config"]["w_core"]
+    # The arms spelled with today's flags (pinning any head default that changed since) resume every run.
+    pins = " ".join(_flag(k, v) for k, v in then.items() if v != getattr(get_config("adst"), k))
+    flags = {"baseline": "--no-adst", "adst": f"--preset adst {pins}".strip()}
+    args = {arm: vars(_args(f)) for arm, f in flags.items()}
+    jobs = [study.Job("busi", arm, s) for arm in flags for s in range(3)]
+    assert set(load_finished(out, jobs, flags, args)) == set(jobs)
+    # Runs of an arm that gave --w-core on its command line resume under an arm that spells it --w-main.
+    for run in out.glob("runs/busi/adst/*/result.json"):
+        recorded = json.loads(run.read_text())
+        recorded["model_args"]["w_core"], recorded["arm_flags"] = 1.0, f"{flags['adst']} --w-core 1"
+        write_json(run, recorded)
+    same = flags["adst"] + " --w-main 1"
+    assert set(load_finished(out, jobs, {**flags, "adst": same}, {**args, "adst": vars(_args(same))})) == set(jobs)
+    other = flags["adst"] + " --w-main 0.5"  # the main term weighted otherwise is another model
+    with pytest.raises(study.UsageError, match="run with other flags for arm 'adst'"):
+        load_finished(out, jobs, {**flags, "adst": other}, {**args, "adst": vars(_args(other))})
+    # A run from before adst_config was recorded, with --w-core on its command line, resolves it as w_main.
+    before = {"model_args": {**vars(_args("--preset adst")), "w_core": 0.0}}
+    assert recorded_head(before) == {**head_settings(_args("--preset adst --main-target core")), "w_main": 0.0}
+    report = study.main(["--out", str(out), "--report-only", "--no-progress"])
+    assert [report["datasets"]["busi"]["arms"][arm]["n_runs"] for arm in ("baseline", "adst")] == [3, 3]
+
+
+def test_the_former_flag_still_works_with_a_deprecation_warning() -> None:
+    with pytest.warns(DeprecationWarning, match="--w-core is now --w-main"):
+        former = _args("--preset adst --w-core 0")
+    assert head_settings(former) == head_settings(_args("--preset adst --w-main 0"))
+    with pytest.warns(DeprecationWarning), pytest.raises(study.UsageError, match="both w_core= and w_main="):
+        _args("--preset adst --w-core 0 --w-main 1")
 
 
 def _legacy_run(tmp_path: Path, job: Any, flags: str) -> Path:

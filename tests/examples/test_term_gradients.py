@@ -33,15 +33,15 @@ def test_fusion_grad_zero_leaves_the_threshold_term_no_path_into_the_exported_mo
         "s=--preset adst --main-target sdf",
     ]
     rows = {(r["arm"], r["term"]): r for r in term_gradients.main(argv)}
-    assert {term for arm, term in rows if arm == "t0"} == {"mask", "sdf", "threshold", "binary"}
+    assert {term for arm, term in rows if arm == "t0"} == {"mask", "main", "threshold", "binary"}
     for arm in ("t0", "t1"):
         assert rows[arm, "mask"]["init_ratio"] == 1.0 and rows[arm, "mask"]["init"] > 0
-        assert rows[arm, "sdf"]["init"] > 0 and rows[arm, "binary"]["init"] > 0
+        assert rows[arm, "main"]["init"] > 0 and rows[arm, "binary"]["init"] > 0
     assert rows["t1", "threshold"]["init"] > 0 and rows["t1", "threshold"]["trained"] > 0
     assert rows["t0", "threshold"]["init"] == 0.0 and rows["t0", "threshold"]["trained"] == 0.0
     # Same init, same batch: the terms fusion_grad does not touch pull equally hard before training.
-    for term in ("mask", "sdf", "binary"):
+    for term in ("mask", "main", "binary"):
         assert math.isclose(rows["t0", term]["init"], rows["t1", term]["init"], rel_tol=1e-5), term
-    assert {term for arm, term in rows if arm == "s"} == {"mask", "sdf", "threshold", "binary"}  # named by target
+    assert {term for arm, term in rows if arm == "s"} == {"mask", "main", "threshold", "binary"}
     printed = capsys.readouterr().out
     assert "| t0 | threshold | 10 | 0 | 0.00 |" in printed

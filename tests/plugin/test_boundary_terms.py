@@ -118,8 +118,8 @@ def test_symmetric_threshold_puts_the_zero_margin_on_the_edge() -> None:
 @pytest.mark.parametrize(
     ("overrides", "terms"),
     [
-        ({"main_target": "core"}, {"mask", "core", "threshold", "binary", "total"}),
-        ({"threshold_target": "symmetric"}, {"mask", "sdf", "threshold", "binary", "total"}),
+        ({"main_target": "core"}, {"mask", "main", "threshold", "binary", "total"}),
+        ({"threshold_target": "symmetric"}, {"mask", "main", "threshold", "binary", "total"}),
     ],
 )
 def test_options_flow_through_the_loss(overrides: dict, terms: set[str]) -> None:

@@ -186,7 +186,7 @@ def test_a_no_grad_forward_between_a_forward_and_its_loss_keeps_the_pair():
     with torch.no_grad():
         model(images(1))
     criterion(first, y)
-    assert torch.allclose(criterion.last_terms["sdf"], expected_main(maps, y))
+    assert torch.allclose(criterion.last_terms["main"], expected_main(maps, y))
 
 
 def test_detached_logits_and_other_tensors_are_not_the_forwards_output():
@@ -239,7 +239,7 @@ def test_ddp_output_pairs_and_a_mismatch_raises(single_process_group, static_gra
         maps = model._pending
         through_sink.append(out is not model._pending_output)
         criterion(out, y).backward()
-        assert torch.allclose(criterion.last_terms["sdf"], expected_main(maps, y))
+        assert torch.allclose(criterion.last_terms["main"], expected_main(maps, y))
     assert through_sink == [static_graph, False, False]
     first = ddp(images(3))
     with pytest.warns(UnclaimedHeadOutputWarning):

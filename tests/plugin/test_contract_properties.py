@@ -122,7 +122,7 @@ class Contract(RuleBasedStateMachine):
             c = self.criterion.config
             _, border = adst_targets(mask)
             sdf = functional.signed_distance(border, mask, c.thresh_min, c.thresh_max)
-            assert torch.allclose(self.criterion.last_terms["sdf"], functional.sdf_loss(forward.maps[0], sdf))
+            assert torch.allclose(self.criterion.last_terms["main"], functional.sdf_loss(forward.maps[0], sdf))
             total.backward()
             self.model.zero_grad(set_to_none=True)
         else:

@@ -35,9 +35,8 @@ GROUPS = {
 }
 EXPORTED = ("encoder", "decoder", "segmentation_head")
 MODEL = frozenset(EXPORTED)
-TERMS = {weight: weight.removeprefix("w_") for weight in LOSS_WEIGHTS}  # w_core -> core
-#: The weight of each term: the main map's term is "sdf" (the default main_target) or "core".
-WEIGHT_OF = {**{term: weight for weight, term in TERMS.items()}, "sdf": "w_core"}
+TERMS = {weight: weight.removeprefix("w_") for weight in LOSS_WEIGHTS}  # w_main -> main
+WEIGHT_OF = {term: weight for weight, term in TERMS.items()}
 
 #: (row label, preset, wrap overrides, loss overrides) -> term -> the groups with a nonzero gradient.
 EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
@@ -45,7 +44,7 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "mask": MODEL,
         # Deep supervision towards the signed distance: the main map reads the live decoder output; the
         # segmentation head is after the tap.
-        "sdf": frozenset({"encoder", "decoder", "head.main"}),
+        "main": frozenset({"encoder", "decoder", "head.main"}),
         # T = fusion(main read with fusion_grad=0, detached Laplacian of sigmoid(logits)): the fusion alone.
         "threshold": frozenset({"head.fusion"}),
         # B = sigmoid(k (P - T)) with T detached: the exported logits only.
@@ -58,18 +57,18 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
         "binary": MODEL | {"head.fusion"},  # also trains T, which stops at the main map (fusion_grad=0)
     },
     ("adst, feature_grad=0", "adst", (("feature_grad", 0.0),), ()): {
-        "sdf": frozenset({"head.main"}),  # the head trains alone
+        "main": frozenset({"head.main"}),  # the head trains alone
         "threshold": frozenset({"head.fusion"}),
         "binary": MODEL,
     },
     ("adst, fusion_grad=1 (reference wiring)", "adst", (("fusion_grad", 1.0),), ()): {
-        "sdf": frozenset({"encoder", "decoder", "head.main"}),
+        "main": frozenset({"encoder", "decoder", "head.main"}),
         # the reference's wiring: T's loss trains the main branch and, through it, the features
         "threshold": frozenset({"encoder", "decoder", "head.main", "head.fusion"}),
         "binary": MODEL,
     },
     ("adst, main_target=core", "adst", (("main_target", "core"),), ()): {
-        "core": frozenset({"encoder", "decoder", "head.main"}),  # deep supervision towards the shrunk core
+        "main": frozenset({"encoder", "decoder", "head.main"}),  # deep supervision towards the shrunk core
     },
     ("adst, threshold_target=symmetric", "adst", (("threshold_target", "symmetric"),), ()): {
         "threshold": frozenset({"head.fusion"}),  # another target for T, the same path
@@ -77,13 +76,13 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
     },
     ("adst, multiclass (C = 3)", "adst", (), (("mode", "multiclass"),)): {
         "mask": MODEL,
-        "sdf": frozenset({"encoder", "decoder", "head.main"}),  # classes 1 and 2 of the main map
+        "main": frozenset({"encoder", "decoder", "head.main"}),  # classes 1 and 2 of the main map
         "threshold": frozenset({"head.fusion"}),
         "binary": MODEL,  # the softmax probability of each lesion class: every logit channel
     },
     ("adst, multilabel (C = 3)", "adst", (), (("mode", "multilabel"),)): {
         "mask": MODEL,
-        "sdf": frozenset({"encoder", "decoder", "head.main"}),
+        "main": frozenset({"encoder", "decoder", "head.main"}),
         "threshold": frozenset({"head.fusion"}),
         "binary": MODEL,
     },
@@ -92,19 +91,19 @@ EXPECTED: dict[tuple[str, str, tuple, tuple], dict[str, frozenset[str]]] = {
     },
     ("paper", "paper", (), ()): {
         "mask": MODEL,
-        "core": MODEL | {"head.main"},  # the head reads the mask logits (as the reference does)
+        "main": MODEL | {"head.main"},  # the head reads the mask logits (as the reference does)
         "edge": MODEL,  # the Laplacian of the mask logits: no parameters of its own
         "fused": MODEL | {"head.main", "head.fusion"},  # through the main branch and the Laplacian of the logits
     },
     ("paper, multiclass (C = 3)", "paper", (), (("mode", "multiclass"),)): {
         "mask": MODEL,
-        "core": MODEL | {"head.main"},
+        "main": MODEL | {"head.main"},
         "edge": MODEL,
         "fused": MODEL | {"head.main", "head.fusion"},
     },
     ("legacy", "legacy", (), ()): {
         "mask": MODEL,
-        "core": frozenset({"head.main"}),  # nothing reaches the exported model: legacy's flaw
+        "main": frozenset({"head.main"}),  # nothing reaches the exported model: legacy's flaw
         "edge": MODEL,
         "fused": MODEL | {"head.main", "head.fusion"},  # into the model only through the Laplacian of the logits
     },
@@ -122,7 +121,6 @@ def _cases() -> list:
 def test_every_weighted_term_of_every_preset_is_pinned():
     for name, config in PRESETS.items():
         weighted = {TERMS[w] for w in LOSS_WEIGHTS if getattr(config, w) > 0}
-        weighted = {config.main_target if t == "core" else t for t in weighted}  # the main map's term
         assert set(EXPECTED[(name, name, (), ())]) == weighted, name
 
 
@@ -185,8 +183,8 @@ def test_gradient_reach(key, term, used_by_the_model):
 
 
 def test_feature_grad_scales_the_main_terms_feature_gradient_exactly():
-    full = _grads("adst", "sdf")
-    half = _grads("adst", "sdf", wrap={"feature_grad": 0.5})
+    full = _grads("adst", "main")
+    half = _grads("adst", "main", wrap={"feature_grad": 0.5})
     for name in full:
         if name.startswith(("model.encoder.", "model.decoder.")):
             assert torch.allclose(half[name], 0.5 * full[name], rtol=1e-6, atol=1e-12), name
@@ -212,7 +210,7 @@ def render_table() -> str:
         "| preset | term | " + " | ".join(f"`{c}`" for c in columns) + " |",
         "|---|---|" + "|".join(":-:" for _ in columns) + "|",
     ]
-    order = [t for w in LOSS_WEIGHTS for t in (("core", "sdf") if w == "w_core" else (TERMS[w],))]
+    order = [TERMS[w] for w in LOSS_WEIGHTS]
     for (label, _, _, _), terms in EXPECTED.items():
         assert set(terms) <= set(order), f"{label}: a term the table would not show"
         for term in order:

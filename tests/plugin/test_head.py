@@ -78,7 +78,7 @@ def test_bad_arguments():
         ADSTHead(8, hidden_channels=12)
     with pytest.raises(ValueError, match="in_channels to be an int >= 1, got 0"):
         ADSTHead(0)
-    with pytest.raises(TypeError, match="head_stride to be an int >= 1, got 2.0"):
+    with pytest.raises(TypeError, match=r"head_stride to be an int >= 1, got 2\.0"):
         ADSTHead(8, head_stride=2.0)
 
 

@@ -32,9 +32,9 @@ def expected_terms(criterion, logits, maps, y):
     band = ((border - c.thresh_min) / (c.thresh_max - c.thresh_min)).clamp(0, 1)
     if c.main_target == "sdf":
         sdf = torch.where(y.bool(), 1 - band, band - 1)  # +d/D inside, -d/D outside, clipped to [-1, 1]
-        terms = {"sdf": (torch.tanh(maps.main) - sdf).abs().mean()}
+        terms = {"main": (torch.tanh(maps.main) - sdf).abs().mean()}
     else:
-        terms = {"core": F.binary_cross_entropy_with_logits(maps.main, core)}
+        terms = {"main": F.binary_cross_entropy_with_logits(maps.main, core)}
     if c.fused_role == "mask":
         terms["edge"] = F.binary_cross_entropy_with_logits(maps.edge, border)
         terms["fused"] = DiceBCELoss()(maps.fused, y)
@@ -49,7 +49,7 @@ def expected_terms(criterion, logits, maps, y):
 @pytest.mark.parametrize("preset", ["adst", "paper"])
 def test_total_is_the_weighted_sum_of_the_terms(preset):
     model = wrapped(preset)
-    weights = {"w_mask": 0.5, "w_core": 0.25}
+    weights = {"w_mask": 0.5, "w_main": 0.25}
     weights.update({"w_edge": 2.0, "w_fused": 0.75} if preset == "paper" else {"w_threshold": 3.0, "w_boundary": 1.5})
     criterion = ADSTLoss(model, **weights)
     y = mask()
@@ -61,7 +61,7 @@ def test_total_is_the_weighted_sum_of_the_terms(preset):
     expected = c.w_mask * DiceBCELoss()(logits, y)
     for name, value in terms.items():
         assert torch.allclose(criterion.last_terms[name], value, atol=1e-5), name
-        expected = expected + getattr(c, "w_core" if name == "sdf" else f"w_{name}") * value
+        expected = expected + getattr(c, f"w_{name}") * value
     assert torch.allclose(total, expected, atol=1e-5)
     assert set(criterion.last_terms) == {"mask", "total", *terms}
 
@@ -172,3 +172,18 @@ def test_bad_inputs_name_the_problem():
         ADSTLoss(model, base_loss="dice")
     with pytest.raises(TypeError, match="fused_loss to be callable"):
         ADSTLoss(model, fused_loss="bce")
+
+
+def test_targets_meet_the_logits_on_their_device_whether_built_or_given():
+    # Masks from a CPU DataLoader with logits on an accelerator: the targets, built from the mask or given, and the
+    # mask itself are moved to the logits' device. The meta device stands in for the accelerator (a CPU tensor
+    # that reached the terms would fail to meet it), as this check must run without one.
+    model = wrapped()
+    criterion = ADSTLoss(model)
+    model.to("meta")
+    y = mask()
+    for targets in (None, adst_targets(y)):
+        loss = criterion(model(torch.empty(2, 3, 32, 32, device="meta")), y, targets)
+        assert loss.device.type == "meta"
+        assert set(criterion.last_terms) == {"mask", "main", "threshold", "binary", "total"}
+        assert all(value.device.type == "meta" for value in criterion.last_terms.values())

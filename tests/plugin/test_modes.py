@@ -40,7 +40,7 @@ def test_the_mode_is_read_from_the_users_smp_loss_as_written(mode):
     y = mode_mask(mode)
     loss = criterion(model(images()), y)
     loss.backward()
-    assert set(criterion.last_terms) == {"mask", "sdf", "threshold", "binary", "total"}
+    assert set(criterion.last_terms) == {"mask", "main", "threshold", "binary", "total"}
     assert [n for n, p in model.head.named_parameters() if p.grad is None] == []
 
 

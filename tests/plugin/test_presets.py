@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -57,16 +58,13 @@ def test_every_preset_builds_trains_one_step_and_logs_its_terms(name):
     loss.backward()
     config = PRESETS[name]
     expected = {
-        "adst": {"mask", "sdf", "threshold", "binary", "total"},
-        "paper": {"mask", "core", "edge", "fused", "total"},
-        "legacy": {"mask", "core", "edge", "fused", "total"},
+        "adst": {"mask", "main", "threshold", "binary", "total"},
+        "paper": {"mask", "main", "edge", "fused", "total"},
+        "legacy": {"mask", "main", "edge", "fused", "total"},
     }[name]
     assert set(criterion.last_terms) == expected
     # The logged total is the weighted sum of the logged terms (w_* of the one config).
-    weights = {"mask": config.w_mask, "core": config.w_core, "sdf": config.w_core, "edge": config.w_edge}
-    weights["fused"] = config.w_fused
-    weights.update({"threshold": config.w_threshold, "binary": config.w_binary, "boundary": config.w_boundary})
-    total = sum(weights[k] * v for k, v in criterion.last_terms.items() if k != "total")
+    total = sum(getattr(config, f"w_{k}") * v for k, v in criterion.last_terms.items() if k != "total")
     assert torch.allclose(criterion.last_terms["total"], total)
 
 
@@ -82,9 +80,8 @@ def test_preset_contents():
     assert adst.w_boundary == 0.0  # built and tested, opt-in
     # The main map regresses the signed distance; the reference regresses the core.
     assert (adst.main_target, paper.main_target, legacy.main_target) == ("sdf", "core", "core")
-    # The logged name of the main map's term follows its target.
-    assert adst.term_names()["w_core"] == "sdf" and paper.term_names()["w_core"] == "core"
-    assert adst.term_names()["w_threshold"] == "threshold"
+    # Each weight names its term, whatever the main map regresses.
+    assert adst.term_names() == paper.term_names() == {w: w.removeprefix("w_") for w in LOSS_WEIGHTS}
     # The threshold map is read off the main map without training it; the reference's wiring trains through.
     assert (adst.fusion_grad, paper.fusion_grad, legacy.fusion_grad) == (0.0, 1.0, 1.0)
     assert (paper.head_input, paper.feature_grad, paper.edge_input, paper.fused_role) == (
@@ -94,7 +91,7 @@ def test_preset_contents():
         "mask",
     )
     assert (paper.w_threshold, paper.w_binary, paper.w_boundary) == (0.0, 0.0, 0.0)
-    assert paper.w_core == paper.w_edge == paper.w_fused == paper.w_mask == 1.0
+    assert paper.w_main == paper.w_edge == paper.w_fused == paper.w_mask == 1.0
     # legacy == paper's terms on detached decoder features (adst-plugin 0.1), and nothing else.
     assert legacy == get_config("paper", head_input="features", feature_grad=0.0)
     assert {f for f in FIELDS if getattr(legacy, f) != getattr(paper, f)} == {"head_input", "feature_grad"}
@@ -114,8 +111,29 @@ def test_unknown_option_lists_the_valid_names():
         assert repr(name) in str(info.value)
     with pytest.raises(TypeError, match="feature_grads"):
         wrap_with_adst(tiny_unet(), "adst", feature_grads=0.5)
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['w_main'\]"):  # 0.1's name of w_core
-        PRESETS["paper"].replace(w_main=1.0)
+
+
+def test_the_former_name_w_core_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match=r"ADSTConfig: w_core= is now w_main="):
+        assert ADSTConfig(w_core=0.5) == ADSTConfig(w_main=0.5)
+    with pytest.warns(DeprecationWarning, match="get_config: w_core= is now w_main="):
+        assert get_config("paper", w_core=0.25) == get_config("paper", w_main=0.25)
+    with pytest.warns(DeprecationWarning, match=r"ADSTConfig\.replace: w_core="):
+        assert PRESETS["adst"].replace(w_core=2.0).w_main == 2.0
+    with pytest.warns(DeprecationWarning, match="wrap_with_adst: w_core="):
+        model = wrap_with_adst(tiny_unet(), w_core=0.5)
+    assert model.config == get_config(w_main=0.5)
+    with pytest.warns(DeprecationWarning, match="ADSTLoss: w_core="):
+        assert ADSTLoss(model, w_core=0.0).config == model.config.replace(w_main=0.0)
+    with pytest.warns(DeprecationWarning, match=r"ADSTConfig\.w_core is now w_main"):
+        assert model.config.w_core == 0.5
+    with pytest.raises(TypeError, match="got both w_core= and w_main="):
+        get_config(w_core=1.0, w_main=2.0)
+    # Each warning names the caller's line, so Python's default filters show it where the old name is written.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_config(w_core=1.0), wrap_with_adst(tiny_unet(), w_core=1.0), ADSTConfig(w_core=1.0)
+    assert [w.filename for w in caught] == [__file__] * 3
 
 
 @pytest.mark.parametrize(
@@ -263,8 +281,8 @@ def test_loss_overrides_are_limited_to_loss_fields_and_validated():
     assert set(LOSS_WEIGHTS) <= set(LOSS_FIELDS) and "feature_grad" not in LOSS_FIELDS
     with pytest.raises(ValueError, match="Set w_edge=0 or edge_input='logits'"):
         ADSTLoss(model, w_edge=1.0)  # the loss's copy is validated like any config
-    with pytest.raises(ValueError, match="w_core >= 0"):
-        ADSTLoss(model, w_core=-1.0)
+    with pytest.raises(ValueError, match="w_main >= 0"):
+        ADSTLoss(model, w_main=-1.0)
 
 
 def test_loss_without_a_model_uses_the_default_preset():

@@ -133,8 +133,8 @@ def test_a_bad_first_batch_is_reported_at_once_with_its_values(cpu_as_device):
 def test_copies_of_the_loss_start_afresh(cpu_as_device):
     check = StepMaskCheck("here")
     y = batch(0)[1]
-    check(lambda: check_mask(y, "here"), y)
-    check(lambda: check_mask(y * 2, "here"), y * 2)  # a pending bad verdict
+    check(check_mask, y, "here")
+    check(check_mask, y * 2, "here")  # a pending bad verdict
     twin = copy.deepcopy(check)
     twin.raise_failed(wait=True)  # nothing pending in the copy
     with pytest.raises(ValueError, match="call 2"):
@@ -197,7 +197,7 @@ def test_every_bad_mask_is_reported_and_every_good_one_converted(calls):
                 if expected is None:
                     pending.append(call)
             try:
-                result = check(lambda mask=mask: check_mask(mask, "here"), mask)
+                result = check(check_mask, mask, "here")
             except ValueError as error:
                 assert _reported_call(str(error), call) == want
                 continue
