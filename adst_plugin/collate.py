@@ -11,6 +11,7 @@ them too). Build them *after* augmentation, i.e. here and not in the dataset's c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.utils.data import default_collate
 
 from adst_plugin.constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
 from adst_plugin.modes import BINARY_MODE, MULTICLASS_MODE
-from adst_plugin.targets import _check_mode_params, _check_params, adst_targets
+from adst_plugin.targets import _Spec, adst_targets
 
 __all__ = ["ADSTTargetCollate"]
 
@@ -75,23 +76,16 @@ class ADSTTargetCollate:
     ) -> None:
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"{_WHERE}: expected collate_fn to be callable or None, got {type(collate_fn).__name__}")
-        _check_params(shrink_ratio, thresh_min, thresh_max, num_threads, engine, _WHERE)
-        _check_mode_params(mode, classes, ignore_index, _WHERE)
-        self.mode, self.classes, self.ignore_index = mode, classes, ignore_index
+        self.spec = _Spec(shrink_ratio=shrink_ratio, thresh_min=thresh_min, thresh_max=thresh_max,
+                          num_threads=num_threads, engine=engine, mode=mode, classes=classes,
+                          ignore_index=ignore_index)  # fmt: skip
+        self.spec.check(_WHERE)  # at construction, not in a worker
         self.collate_fn = default_collate if collate_fn is None else collate_fn
-        self.shrink_ratio = float(shrink_ratio)
-        self.thresh_min = float(thresh_min)
-        self.thresh_max = float(thresh_max)
-        self.num_threads = num_threads
-        self.engine = engine
 
     def __repr__(self) -> str:
         name = getattr(self.collate_fn, "__name__", type(self.collate_fn).__name__)
-        return (
-            f"{type(self).__name__}(collate_fn={name}, shrink_ratio={self.shrink_ratio}, "
-            f"thresh_min={self.thresh_min}, thresh_max={self.thresh_max}, num_threads={self.num_threads}, "
-            f"engine={self.engine!r}, mode={self.mode!r}, classes={self.classes}, ignore_index={self.ignore_index})"
-        )
+        spec = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.spec).items())
+        return f"{type(self).__name__}(collate_fn={name}, {spec})"
 
     def __call__(self, samples: Sequence[Any]) -> tuple[Any, ...]:
         if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence) or len(samples) == 0:
@@ -117,23 +111,12 @@ class ADSTTargetCollate:
         *rest, masks = collated
         if not isinstance(masks, Tensor):
             raise TypeError(f"{_WHERE}: expected the collated masks to be a torch.Tensor, got {_describe(masks)}")
-        if masks.ndim == 3 and self.mode != MULTICLASS_MODE:
+        if masks.ndim == 3 and self.spec.mode != MULTICLASS_MODE:
             raise ValueError(
                 f"{_WHERE}: expected each mask of shape (1, H, W), got {tuple(masks.shape[1:])}. "
                 "Add the channel dim in the dataset, e.g. mask[None]."
             )
-        targets = adst_targets(
-            masks,
-            shrink_ratio=self.shrink_ratio,
-            thresh_min=self.thresh_min,
-            thresh_max=self.thresh_max,
-            num_threads=self.num_threads,
-            engine=self.engine,
-            mode=self.mode,
-            classes=self.classes,
-            ignore_index=self.ignore_index,
-        )
-        return (*rest, masks, targets)
+        return (*rest, masks, adst_targets(masks, **dataclasses.asdict(self.spec)))
 
 
 def _describe(obj: object) -> str:

@@ -1,7 +1,7 @@
 """Pure tensor functions behind the ADST loss terms and the head's gradient path.
 
-Every term here has a stated minimiser (its target), checked by ``tests/test_functional.py`` on discs,
-rings and two-lesion masks:
+Every term here has a stated minimiser (its target), checked on discs, rings and two-lesion masks by
+``tests/plugin/test_functional.py`` (the signed-distance terms by ``tests/plugin/test_boundary_terms.py``):
 
 ======================  ==================================  =============================================
 term                    inputs                              minimised by

@@ -192,8 +192,8 @@ class Labels(NamedTuple):
 def check_labels(mask: Any, mode: str, classes: int, where: str, ignore_index: int | None = None) -> Labels:
     """Validate a mask of ``mode`` for a ``classes``-channel model and return its :class:`Labels` (same device).
 
-    A binary mask without ``ignore_index`` takes exactly the binary check of earlier versions (bool, {0, 1} or
-    uint8 {0, 255}). With ``ignore_index`` the values are {0, 1} and ``ignore_index``.
+    A binary mask without ``ignore_index`` takes the binary check, :func:`~adst_plugin._checks.check_mask` (bool,
+    {0, 1} or uint8 {0, 255}). With ``ignore_index`` the values are {0, 1} and ``ignore_index``.
 
     Raises:
         TypeError, ValueError: see :func:`~adst_plugin._checks.check_mask`,

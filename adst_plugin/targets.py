@@ -52,8 +52,8 @@ practice and always within one float32 ulp; the tests check both against an inde
   in integers; core and border values are scattered back with ``amax``. Host synchronisation: one convergence test
   of the labelling per block of steps (a typical batch needs one) and one small read of the component table (count,
   areas, lengths, boxes: it sizes the crops); the masks and targets themselves never leave the device. On CPU this
-  engine is correct but far slower than OpenCV (measured on a 2-core CPU at 256^2: ~40-50 vs ~3,000-3,700 masks/s,
-  ``examples/benchmarks/targets.py``), which is why ``"auto"`` uses it only off the CPU.
+  engine is correct but far slower than OpenCV (docs/results.md, "Target generation"), which is why ``"auto"`` uses
+  it only off the CPU.
 
 Modes (``mode=``, smp's, see :mod:`adst_plugin.modes`): ``"binary"`` (the default) takes a ``(B, 1, H, W)`` mask and
 gives ``(B, 1, H, W)`` maps. ``"multiclass"`` takes ``(B, H, W)`` or ``(B, 1, H, W)`` class indices and
@@ -70,14 +70,23 @@ NumPy mask gives NumPy outputs.
 
 from __future__ import annotations
 
-from numbers import Integral, Real
+from dataclasses import dataclass
+from numbers import Integral
 from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_class_mask, check_mask, check_multilabel_mask
+from ._checks import (
+    check_choice,
+    check_class_mask,
+    check_int,
+    check_mask,
+    check_multilabel_mask,
+    check_number,
+    check_thresholds,
+)
 from ._engine_opencv import _targets_numpy
 from ._engine_torch import _boundary_torch, _targets_torch
 from .constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
@@ -125,34 +134,14 @@ def core_map(
     classes: int | None = None,
     ignore_index: int | None = None,
 ) -> ArrayT:
-    """Core (shrunk lesion) map: pixels at distance ``>= D_c`` from their lesion's boundary.
+    """Core (shrunk lesion) map: pixels at distance ``>= D_c`` from their lesion's boundary (thin lesions keep
+    their innermost pixels; a full mask is entirely core: see the module docstring).
 
-    See the module docstring for the exact definition and the degenerate cases (thin lesions keep their innermost
-    pixels; a full mask is entirely core).
-
-    Args:
-        mask: Binary mask ``(B, 1, H, W)`` (or a mask of ``mode``), torch tensor or NumPy array.
-        shrink_ratio: DBNet shrink ratio ``r`` in ``(0, 1)``; the offset is ``D = A (1 - r^2) / L``.
-        num_threads: OpenCV engine: worker threads over the batch; ``None`` uses ``torch.get_num_threads()``.
-            (The torch engine uses torch's own intra-op threads.)
-        engine: ``"auto"`` (torch engine for masks on an accelerator, OpenCV engine otherwise), ``"opencv"`` or
-            ``"torch"``; see the module docstring. Both give the same maps.
-        mode: ``"binary"`` (default), ``"multiclass"`` or ``"multilabel"``; see the module docstring.
-        classes: C, the model's classes: required for ``"multiclass"`` (indices alone do not tell C), checked
-            against the mask's channels for ``"multilabel"``.
-        ignore_index: mask value of unlabelled pixels (they belong to no class); None: every value must be valid.
-
-    Returns:
-        Float32 ``(B, K, H, W)`` (K = 1 in binary mode) with values in ``{0, 1}``, same container type and device as
-        ``mask``.
-
-    Raises:
-        ValueError, TypeError: on an invalid mask or argument.
+    Arguments, returns and errors: those of :func:`adst_targets`, whose ``core`` this is.
     """
-    core, _ = _targets(
-        mask, shrink_ratio, THRESH_MIN, THRESH_MAX, num_threads, engine, "core_map", mode, classes, ignore_index
-    )
-    return core
+    spec = _Spec(shrink_ratio=shrink_ratio, num_threads=num_threads, engine=engine, mode=mode, classes=classes,
+                 ignore_index=ignore_index)  # fmt: skip
+    return _targets(mask, spec, "core_map")[0]
 
 
 def border_map(
@@ -169,30 +158,11 @@ def border_map(
 ) -> ArrayT:
     """Border (threshold) map: ``thresh_max`` on lesion boundaries, fading to ``thresh_min`` at distance ``D_c``.
 
-    Args:
-        mask: Binary mask ``(B, 1, H, W)`` (or a mask of ``mode``), torch tensor or NumPy array.
-        shrink_ratio: DBNet shrink ratio ``r`` in ``(0, 1)``.
-        thresh_min: Value far from any boundary, ``0 <= thresh_min < thresh_max``.
-        thresh_max: Value on a boundary, ``thresh_max <= 1``.
-        num_threads: OpenCV engine: worker threads over the batch; ``None`` uses ``torch.get_num_threads()``.
-            (The torch engine uses torch's own intra-op threads.)
-        engine: ``"auto"`` (torch engine for masks on an accelerator, OpenCV engine otherwise), ``"opencv"`` or
-            ``"torch"``; see the module docstring. Both give the same maps.
-        mode: ``"binary"`` (default), ``"multiclass"`` or ``"multilabel"``; see the module docstring.
-        classes: C, the model's classes: required for ``"multiclass"`` (indices alone do not tell C), checked
-            against the mask's channels for ``"multilabel"``.
-        ignore_index: mask value of unlabelled pixels (they belong to no class); None: every value must be valid.
-
-    Returns:
-        Float32 ``(B, K, H, W)`` in ``[thresh_min, thresh_max]``, same container type and device as ``mask``.
-
-    Raises:
-        ValueError, TypeError: on an invalid mask or argument.
+    Arguments, returns and errors: those of :func:`adst_targets`, whose ``border`` this is.
     """
-    _, border = _targets(
-        mask, shrink_ratio, thresh_min, thresh_max, num_threads, engine, "border_map", mode, classes, ignore_index
-    )
-    return border
+    spec = _Spec(shrink_ratio=shrink_ratio, thresh_min=thresh_min, thresh_max=thresh_max, num_threads=num_threads,
+                 engine=engine, mode=mode, classes=classes, ignore_index=ignore_index)  # fmt: skip
+    return _targets(mask, spec, "border_map")[1]
 
 
 def adst_targets(
@@ -233,9 +203,9 @@ def adst_targets(
     Raises:
         ValueError, TypeError: on an invalid mask or argument.
     """
-    return _targets(
-        mask, shrink_ratio, thresh_min, thresh_max, num_threads, engine, "adst_targets", mode, classes, ignore_index
-    )
+    spec = _Spec(shrink_ratio=shrink_ratio, thresh_min=thresh_min, thresh_max=thresh_max, num_threads=num_threads,
+                 engine=engine, mode=mode, classes=classes, ignore_index=ignore_index)  # fmt: skip
+    return _targets(mask, spec, "adst_targets")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,42 +213,42 @@ def adst_targets(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_params(
-    shrink_ratio: float, thresh_min: float, thresh_max: float, num_threads: int | None, engine: str, where: str
-) -> None:
-    """Raise ``TypeError`` / ``ValueError`` (naming the parameter and its value) on invalid arguments."""
-    for name, value in (("shrink_ratio", shrink_ratio), ("thresh_min", thresh_min), ("thresh_max", thresh_max)):
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"{where}: expected {name} to be a real number, got {type(value).__name__}")
-    if not 0.0 < shrink_ratio < 1.0:
-        raise ValueError(f"{where}: expected 0 < shrink_ratio < 1, got shrink_ratio={shrink_ratio!r}")
-    if not 0.0 <= thresh_min < thresh_max <= 1.0:
-        raise ValueError(
-            f"{where}: expected 0 <= thresh_min < thresh_max <= 1, "
-            f"got thresh_min={thresh_min!r}, thresh_max={thresh_max!r}"
-        )
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, Integral)):
-        raise TypeError(f"{where}: expected num_threads to be an int or None, got {type(num_threads).__name__}")
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"{where}: expected num_threads >= 1, got num_threads={num_threads}")
-    if not isinstance(engine, str):
-        raise TypeError(f"{where}: expected engine to be one of {list(ENGINES)}, got {type(engine).__name__}")
-    if engine not in ENGINES:
-        raise ValueError(f"{where}: expected engine to be one of {list(ENGINES)}, got engine={engine!r}")
+@dataclass(frozen=True)
+class _Spec:
+    """The arguments of one call of the public functions (see :func:`adst_targets`), validated by :meth:`check`."""
 
+    shrink_ratio: float = SHRINK_RATIO
+    thresh_min: float = THRESH_MIN
+    thresh_max: float = THRESH_MAX
+    num_threads: int | None = None
+    engine: str = "auto"
+    mode: str = BINARY_MODE
+    classes: int | None = None
+    ignore_index: int | None = None
 
-def _check_mode_params(mode: str, classes: int | None, ignore_index: int | None, where: str) -> None:
-    """Raise on an unknown mode, a bad ``classes`` or ``ignore_index``, or a mode that does not fit ``classes``."""
-    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, Integral) or classes < 1):
-        raise ValueError(f"{where}: expected classes to be an int >= 1 or None, got {classes!r}")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)):
-        raise TypeError(f"{where}: expected ignore_index to be an int or None, got {type(ignore_index).__name__}")
-    check_mode(mode, classes, where)
-    if mode == MULTICLASS_MODE and classes is None:
-        raise ValueError(
-            f"{where}: expected classes=<C> with mode='multiclass' (class indices alone do not tell how many classes "
-            "the model has), got classes=None"
-        )
+    @property
+    def params(self) -> tuple[float, float, float]:
+        """What the engines take: ``(shrink_ratio, thresh_min, thresh_max)``."""
+        return float(self.shrink_ratio), float(self.thresh_min), float(self.thresh_max)
+
+    def check(self, where: str) -> None:
+        """Raise ``TypeError`` / ``ValueError`` naming the argument, on an invalid one or a mode that does not fit."""
+        check_number(self.shrink_ratio, "shrink_ratio", where, low=0.0, high=1.0, open_low=True, open_high=True)
+        check_thresholds(self.thresh_min, self.thresh_max, where)
+        if self.num_threads is not None:
+            check_int(self.num_threads, "num_threads", where)
+        check_choice(self.engine, ENGINES, "engine", where)
+        if self.classes is not None:
+            check_int(self.classes, "classes", where)
+        index = self.ignore_index
+        if index is not None and (isinstance(index, bool) or not isinstance(index, Integral)):
+            raise TypeError(f"{where}: expected ignore_index to be an int or None, got {type(index).__name__}")
+        check_mode(self.mode, self.classes, where)
+        if self.mode == MULTICLASS_MODE and self.classes is None:
+            raise ValueError(
+                f"{where}: expected classes=<C> with mode='multiclass' (class indices alone do not tell how many "
+                "classes the model has), got classes=None"
+            )
 
 
 def _use_torch_engine(mask: object, engine: str) -> bool:
@@ -288,51 +258,41 @@ def _use_torch_engine(mask: object, engine: str) -> bool:
     return engine == "torch"
 
 
-def _engine(m: Tensor, use_torch: bool, params: tuple[float, float, float], num_threads: int | None):
+def _engine(m: Tensor, use_torch: bool, spec: _Spec):
     """``(core, border)`` float32 ``(N, H, W)`` of a bool ``(N, H, W)`` batch: tensors on its device from the torch
     engine, NumPy arrays from the OpenCV engine."""
     if use_torch:
-        return _targets_torch(m.detach(), *params)
+        return _targets_torch(m.detach(), *spec.params)
     m_np = m.detach().cpu().contiguous().numpy().view(np.uint8)
-    return _targets_numpy(m_np, *params, torch.get_num_threads() if num_threads is None else int(num_threads))
+    return _targets_numpy(m_np, *spec.params, _threads(spec))
 
 
-def _targets(
-    mask: ArrayT,
-    shrink_ratio: float,
-    thresh_min: float,
-    thresh_max: float,
-    num_threads: int | None,
-    engine: str,
-    where: str,
-    mode: str = BINARY_MODE,
-    classes: int | None = None,
-    ignore_index: int | None = None,
-) -> tuple[ArrayT, ArrayT]:
+def _threads(spec: _Spec) -> int:
+    return torch.get_num_threads() if spec.num_threads is None else int(spec.num_threads)
+
+
+def _targets(mask: ArrayT, spec: _Spec, where: str) -> tuple[ArrayT, ArrayT]:
     """Validate, run the selected engine, and return ``(core, border)`` as ``(B, K, H, W)`` like ``mask``."""
-    _check_params(shrink_ratio, thresh_min, thresh_max, num_threads, engine, where)
-    _check_mode_params(mode, classes, ignore_index, where)
-    params = (float(shrink_ratio), float(thresh_min), float(thresh_max))
-    use_torch = _use_torch_engine(mask, engine)
-    if mode == BINARY_MODE and ignore_index is None:
+    spec.check(where)
+    use_torch = _use_torch_engine(mask, spec.engine)
+    if spec.mode == BINARY_MODE and spec.ignore_index is None:
         m = check_mask(mask, where=where)
         batch, _, height, width = m.shape
-        core, border = _engine(m.reshape(batch, height, width), use_torch, params, num_threads)
+        core, border = _engine(m.reshape(batch, height, width), use_torch, spec)
         shape = (batch, 1, height, width)
         return _like_mask(core.reshape(shape), mask), _like_mask(border.reshape(shape), mask)
-    pairs, masks, shape = _present_pairs(mask, mode, classes, ignore_index, where)
+    pairs, masks, shape = _present_pairs(mask, spec.mode, spec.classes, spec.ignore_index, where)
     rows = (shape[0] * shape[1], *shape[2:])
     if use_torch:
         core = torch.zeros(rows, dtype=torch.float32, device=masks.device)
-        border = torch.full(rows, thresh_min, dtype=torch.float32, device=masks.device)
+        border = torch.full(rows, spec.thresh_min, dtype=torch.float32, device=masks.device)
         if len(masks):
-            core[pairs], border[pairs] = _targets_torch(masks.detach(), *params)
+            core[pairs], border[pairs] = _targets_torch(masks.detach(), *spec.params)
     else:  # the engine writes each present pair's maps straight into its row
-        core, border = np.zeros(rows, np.float32), np.full(rows, np.float32(thresh_min))
+        core, border = np.zeros(rows, np.float32), np.full(rows, np.float32(spec.thresh_min))
         if len(masks):
             m_np = masks.detach().cpu().contiguous().numpy().view(np.uint8)
-            threads = torch.get_num_threads() if num_threads is None else int(num_threads)
-            _targets_numpy(m_np, *params, threads, rows=pairs.tolist(), out=(core, border))
+            _targets_numpy(m_np, *spec.params, _threads(spec), rows=pairs.tolist(), out=(core, border))
     return _like_mask(core.reshape(shape), mask), _like_mask(border.reshape(shape), mask)
 
 

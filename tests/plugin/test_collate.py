@@ -70,7 +70,7 @@ def test_picklable() -> None:
     [
         ({"shrink_ratio": 1.5}, ValueError, r"ADSTTargetCollate: expected 0 < shrink_ratio < 1"),
         ({"thresh_min": 0.8, "thresh_max": 0.2}, ValueError, "thresh_min < thresh_max"),
-        ({"engine": "cuda"}, ValueError, r"engine to be one of \['auto', 'opencv', 'torch'\]"),
+        ({"engine": "cuda"}, ValueError, r"unknown engine 'cuda'; valid options are \('auto', 'opencv', 'torch'\)"),
         ({"num_threads": 0}, ValueError, "num_threads"),
         ({"collate_fn": 3}, TypeError, "collate_fn to be callable"),
     ],

@@ -548,9 +548,7 @@ def test_auto_engine_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("fn", [adst_targets, core_map, border_map])
 def test_bad_engine(fn: Callable[..., object]) -> None:
     assert ENGINES == ("auto", "opencv", "torch")
-    with pytest.raises(
-        ValueError, match=r"expected engine to be one of \['auto', 'opencv', 'torch'\], got engine='gpu'"
-    ):
+    with pytest.raises(ValueError, match=r"unknown engine 'gpu'; valid options are \('auto', 'opencv', 'torch'\)"):
         fn(_one(), engine="gpu")
     with pytest.raises(TypeError, match=r"engine to be one of .*got NoneType"):
         fn(_one(), engine=None)
@@ -604,7 +602,7 @@ def test_bad_mask_type() -> None:
 @pytest.mark.parametrize("value", [0, 1, -0.1, 1.5, float("nan")])
 def test_bad_shrink_ratio(value: float) -> None:
     for fn in (adst_targets, core_map, border_map):
-        with pytest.raises(ValueError, match=rf"{fn.__name__}: .*shrink_ratio={value}"):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: expected 0 < shrink_ratio < 1, got {value}"):
             fn(_one(), shrink_ratio=value)
 
 
