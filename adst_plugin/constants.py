@@ -23,5 +23,9 @@ SACA_SQUEEZE_RATIO: int = 2
 SACA_GROUP_SIZE: int = 2
 SACA_GROUP_KERNEL_SIZE: int = 3
 
+#: ``main_target="sdf-clip"``: the signed-distance target clipped to [-SDF_CLIP, SDF_CLIP], which tanh reaches with
+#: finite logits (atanh(0.9) = 1.47), so pixels far from every edge stop pulling once they are there.
+SDF_CLIP: float = 0.9
+
 #: Steepness k of the DB-style differentiable binarization 1 / (1 + exp(-k (P - T))).
 DB_STEEPNESS: float = 50.0

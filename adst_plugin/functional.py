@@ -215,13 +215,17 @@ def signed_distance(border: Tensor, mask: Tensor, thresh_min: float, thresh_max:
     return torch.where(mask.bool(), depth, -depth)
 
 
-def sdf_loss(main_logits: Tensor, sdf: Tensor, weight: Tensor | None = None) -> Tensor:
-    """L1 of ``tanh(main)`` against the signed distance ``s``: ``(B, K, H, W), (B, K, H, W) -> ()``.
+def sdf_loss(main_logits: Tensor, sdf: Tensor, weight: Tensor | None = None, clip: float = 1.0) -> Tensor:
+    """L1 of ``tanh(main)`` against the signed distance ``s`` clipped to ``[-clip, clip]``:
+    ``(B, K, H, W), (B, K, H, W) -> ()``.
 
-    Minimised by ``tanh(main) = s``. Unlike the core map (a binary blob inside each lesion), ``s`` changes sign
-    exactly at the lesion edge and varies linearly across it, so features that regress it must locate the edge.
+    Minimised by ``tanh(main) = clip(s)``: at ``clip = 1`` (``s`` as it is) beyond distance D of every edge only at
+    infinite logits, at ``clip < 1`` everywhere with finite logits. Unlike the core map (a binary blob inside each
+    lesion), ``s`` changes sign exactly at the lesion edge and varies linearly across it, so features that regress it
+    must locate the edge.
     """
-    return _mean((torch.tanh(main_logits.float()) - sdf.float()).abs(), weight)
+    target = sdf.float() if clip >= 1.0 else sdf.float().clamp(-clip, clip)
+    return _mean((torch.tanh(main_logits.float()) - target).abs(), weight)
 
 
 def symmetric_threshold(sdf: Tensor, thresh_min: float, thresh_max: float) -> Tensor:

@@ -56,8 +56,9 @@ HEAD_INPUTS = ("features", "logits")
 EDGE_INPUTS = ("logits", "probs")
 #: What the fused map is: mask logits (paper) or the logits of a DBNet threshold map T.
 FUSED_ROLES = ("mask", "threshold")
-#: What the main map is supervised by: the DBNet core (BCE) or the signed distance to the edge (L1 on tanh).
-MAIN_TARGETS = ("core", "sdf")
+#: What the main map is supervised by: the DBNet core (BCE), the signed distance to the edge (L1 on tanh), or that
+#: distance clipped to +-constants.SDF_CLIP, a target tanh reaches with finite logits.
+MAIN_TARGETS = ("core", "sdf", "sdf-clip")
 #: What the threshold map T is supervised by: the border map on the border band (DBNet), or the symmetric target
 #: 0.5 + (max - min) / 2 * s on every pixel (zero margin on the true edge).
 THRESHOLD_TARGETS = ("border", "symmetric")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .constants import SDF_CLIP
 from .functional import (
     band_weights,
     binarization_loss,
@@ -66,10 +67,14 @@ def aux_terms(
     if weight is not None:
         band = band * weight
     # The signed distance only for the options that read it: the default's step does not pay for it.
-    needs_sdf = c.main_target == "sdf" or (c.fused_role == "threshold" and c.threshold_target == "symmetric")
+    regresses_sdf = c.main_target in ("sdf", "sdf-clip")
+    needs_sdf = regresses_sdf or (c.fused_role == "threshold" and c.threshold_target == "symmetric")
     sdf = signed_distance(border, target, c.thresh_min, c.thresh_max) if needs_sdf else None
     main = target_slice(maps.main, mode)
-    main_term = sdf_loss(main, sdf, weight) if c.main_target == "sdf" else core_loss(main, core, weight)
+    if regresses_sdf:
+        main_term = sdf_loss(main, sdf, weight, clip=SDF_CLIP if c.main_target == "sdf-clip" else 1.0)
+    else:
+        main_term = core_loss(main, core, weight)
     terms: dict[str, tuple[float, Tensor]] = {"main": (c.w_main, main_term)}
     if c.edge_input == "logits":
         terms["edge"] = (c.w_edge, edge_loss(target_slice(maps.edge, mode), border, weight))

@@ -139,7 +139,7 @@ def test_options_flow_through_the_loss(overrides: dict, terms: set[str]) -> None
 
 
 def test_unknown_targets_are_rejected_with_the_valid_options() -> None:
-    with pytest.raises(ValueError, match=r"main_target 'edt'.*\('core', 'sdf'\)"):
+    with pytest.raises(ValueError, match=r"main_target 'edt'.*\('core', 'sdf', 'sdf-clip'\)"):
         get_config(main_target="edt")
     with pytest.raises(ValueError, match=r"threshold_target 'flat'.*\('border', 'symmetric'\)"):
         get_config(threshold_target="flat")

@@ -236,7 +236,7 @@ def test_invalid_values_raise_value_errors_naming_the_field(overrides, match):
         ({"head_stride": True}, "head_stride to be an int >= 1, got True"),
         ({"feature_grad": "1"}, "feature_grad to be a real number, got str"),
         ({"w_threshold": None}, "w_threshold to be a real number, got NoneType"),
-        ({"main_target": None}, r"main_target to be one of \('core', 'sdf'\), got NoneType"),
+        ({"main_target": None}, r"main_target to be one of \('core', 'sdf', 'sdf-clip'\), got NoneType"),
     ],
 )
 def test_values_of_the_wrong_type_raise_type_errors_naming_the_field(overrides, match):
