@@ -155,7 +155,9 @@ class RayExecutor:
         self.cfg = cfg
         self.resources = {"num_cpus": float(cfg.threads), "num_gpus": 1.0 / self.parallel if cuda else 0.0}
         self.refs = {name: self.ray.put(Path(cfg.cache_files[name]).read_bytes()) for name in datasets}
-        self.task = self.ray.remote(run_task)
+        # A GPU run gets a fresh worker process (Ray's own default for GPU tasks, lost when num_gpus is only given
+        # per call): a reused process would keep its CUDA context on the GPU of its previous run.
+        self.task = self.ray.remote(max_calls=1 if cuda else 0)(run_task)
         if self.capacity() == 0 or (cuda and not self.node_gpus):
             need = "a GPU" if cuda else f"{cfg.threads} free CPUs"
             self.log(f"[study] ray: no node has {need} now; runs wait for one (an autoscaler may add it)")
