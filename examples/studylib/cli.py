@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import os
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -144,6 +145,15 @@ def report_only(args: argparse.Namespace, command: str, log: Callable[[str], Non
     return _write(out, build_report(results, datasets, arms, flags, meta), args.no_progress)
 
 
+def _outside_runs(outside: dict[str, float]) -> dict[str, Any]:
+    """The executor's seconds per run outside the run: median, max, and the runs they come from."""
+    if not outside:
+        return {"outside_run_n": 0}
+    values = list(outside.values())
+    median, most = statistics.median(values), max(values)
+    return {"outside_run_median": median, "outside_run_max": most, "outside_run_n": len(values)}
+
+
 def _check_executor_flags(args: argparse.Namespace) -> None:
     if args.executor == "local":
         ray_flags = {"--ray-address": args.ray_address, "--max-retries": args.max_retries}
@@ -247,10 +257,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log(f"[study] resuming: {len(results)} finished runs skipped, {len(pending)} to go")
     cpu_count = os.cpu_count() or 1
     parallel, throughput = args.parallel, {}
+    t_executor = time.perf_counter()
     if args.executor == "ray" and pending:
         executor = _ray_executor(args, cfg, device, datasets, log)
     else:
         executor, parallel, throughput, cfg = _local_executor(args, cfg, device, pending, datasets, arms, log)
+    executor_s = {"start": time.perf_counter() - t_executor}
     bar = tqdm(total=len(jobs), initial=len(results), desc="study", disable=args.no_progress, dynamic_ncols=True)
     failures: list[str] = []
 
@@ -263,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            on_failed=failed)  # fmt: skip
     finally:  # Ctrl-C too: stop the runs in flight (the finished ones are saved)
         bar.close()
+        t_close = time.perf_counter()
         executor.close()
+        executor_s["close"] = time.perf_counter() - t_close
 
     meta = {
         "command": command,
@@ -273,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "executor": args.executor,
         "parallel": parallel,
         "parallel_throughput_steps_per_s": throughput or None,
+        "executor_s": executor_s | _outside_runs(outcome.outside_s),
         "budget_min": args.budget_min,
         "wall_s": time.time() - t_start,
         "seeds": seeds,

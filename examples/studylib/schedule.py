@@ -67,6 +67,9 @@ class Outcome:
     results: dict[Job, dict[str, Any]]
     failed: dict[str, str] = field(default_factory=dict)
     not_run: list[str] = field(default_factory=list)
+    #: Per finished run: seconds from its submission to its result, less the run's own ``total_s`` (the
+    #: executor's cost per run: dispatch, a worker's first data load, the result's way back).
+    outside_s: dict[str, float] = field(default_factory=dict)
 
 
 def schedule(
@@ -84,6 +87,7 @@ def schedule(
     would end after ``deadline`` (that one and every later run are reported as not run)."""
     out = Outcome(results=dict(results))
     queue = list(pending)
+    submitted: dict[Job, float] = {}
     while queue or executor.busy:
         while queue and executor.free() is not None:
             est = estimate_seconds(queue[0], out.results, epochs[queue[0].dataset])
@@ -92,6 +96,7 @@ def schedule(
                 out.not_run += [j.key for j in queue]
                 queue = []
                 break
+            submitted[queue[0]] = time.perf_counter()
             executor.submit(queue.pop(0), deadline)
         if not executor.busy:
             break
@@ -105,6 +110,7 @@ def schedule(
             queue = []
         else:
             out.results[job] = res
+            out.outside_s[job.key] = time.perf_counter() - submitted[job] - res["timing"]["total_s"]
             on_done(job)
     out.not_run = sorted(out.not_run)
     return out

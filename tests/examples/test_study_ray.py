@@ -118,11 +118,16 @@ def test_ray_runs_equal_the_local_ones_and_a_killed_worker_is_retried(tmp_path: 
         _same_runs(runs_local[key], runs_ray[key])
     _same_report(local, on_ray)
     assert on_ray["datasets"]["synthetic"]["arms"]["adst"]["paired"]["dice"]["n"] == 2
+    for report in (local, on_ray):  # the executor's own seconds, per run and in all
+        cost = report["executor_s"]
+        assert cost["outside_run_n"] == 4 and 0 <= cost["outside_run_median"] <= cost["outside_run_max"]
+        assert cost["start"] > 0 and cost["close"] >= 0
 
     # A folder the local executor wrote resumes on Ray: nothing left to train, so no Ray instance is needed.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "local").glob("runs/*/*/*/result.json")}
     again = study.main([*_argv(tmp_path, "local"), "--executor", "ray"])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["executor_s"]["outside_run_n"] == 0
     _same_report(local, again)
 
 
