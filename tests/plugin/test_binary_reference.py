@@ -11,8 +11,8 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from conftest import tiny_unet
-from scipy_reference import reference_targets
 
+from adst_examples.benchmarks.scipy_reference import reference_targets
 from adst_plugin import ADSTLoss, wrap_with_adst
 from adst_plugin.presets import LOSS_WEIGHTS
 

@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
-from scipy_reference import reference_boundary, reference_targets
 
+from adst_examples.benchmarks.scipy_reference import reference_boundary, reference_targets
 from adst_plugin import ADSTLoss, get_config, wrap_with_adst
 from adst_plugin import functional as fn
 from adst_plugin.constants import THRESH_MAX, THRESH_MIN

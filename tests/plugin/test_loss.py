@@ -3,8 +3,8 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from conftest import tiny_unet
-from scipy_reference import reference_targets
 
+from adst_examples.benchmarks.scipy_reference import reference_targets
 from adst_plugin import ADSTLoss, DiceBCELoss, wrap_with_adst
 from adst_plugin.targets import adst_targets
 
@@ -26,7 +26,7 @@ def images(b=2, h=32, w=32, seed=0):
 
 
 def expected_terms(criterion, logits, maps, y):
-    # Written out from the definitions, on SciPy's exact targets (tests/plugin/scipy_reference.py), not the package's.
+    # Written out from the definitions, on SciPy's exact targets (examples/benchmarks/scipy_reference.py).
     c = criterion.config
     core, border = (torch.from_numpy(t).float() for t in reference_targets(y.numpy().astype(bool)))
     band = ((border - c.thresh_min) / (c.thresh_max - c.thresh_min)).clamp(0, 1)

@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multiclass_cases import class_indices, images, multilabel_mask, smp_loss, tiny_model
-from scipy_reference import reference_targets
 from torch.utils.data import DataLoader, TensorDataset
 
+from adst_examples.benchmarks.scipy_reference import reference_targets
 from adst_plugin import ADSTLoss, ADSTTargetCollate, modes, wrap_with_adst
 from adst_plugin import targets as targets_module
 from adst_plugin.constants import THRESH_MIN

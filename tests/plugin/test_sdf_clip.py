@@ -15,8 +15,8 @@ import segmentation_models_pytorch as smp
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy_reference import reference_targets
 
+from adst_examples.benchmarks.scipy_reference import reference_targets
 from adst_plugin import ADSTLoss, get_config, wrap_with_adst
 from adst_plugin import functional as fn
 from adst_plugin.constants import SDF_CLIP, THRESH_MAX, THRESH_MIN

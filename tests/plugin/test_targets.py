@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
-from scipy_reference import reference_boundary, reference_targets
 
+from adst_examples.benchmarks.scipy_reference import reference_boundary, reference_targets
 from adst_plugin import _engine_opencv, _engine_torch
 from adst_plugin import targets as targets_module
 from adst_plugin.constants import SHRINK_RATIO, THRESH_MAX, THRESH_MIN
