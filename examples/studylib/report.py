@@ -162,6 +162,8 @@ def build_report(
 ) -> dict[str, Any]:
     """The study's JSON: per dataset and arm, metrics (mean ± std), paired differences, step ratio, the choice."""
     report: dict[str, Any] = {"rule": RULE, "metrics": list(METRICS), **(meta or {}), "datasets": {}}
+    # Seed order, not the order runs finished in: the same runs give the same report, float sums included.
+    results = dict(sorted(results.items(), key=lambda item: (item[0].dataset, item[0].arm, item[0].seed)))
     for name in datasets:
         by_arm: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
         for job, res in results.items():
