@@ -167,12 +167,20 @@ def ray_head(tmp_path: Path) -> Any:
             os.killpg(head.pid, signal.SIGKILL)  # whatever of that node is left (its own process group)
 
 
+# A terminal's Ctrl-C raises KeyboardInterrupt; a test run started in the background (`cmd &` in a script) ignores
+# SIGINT and its children inherit that, so the driver restores Python's handler before it runs study.py.
+_AS_IN_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def _driver(argv: list[str]) -> subprocess.Popen[str]:
     """``python examples/study.py ARGV`` as a user starts it, in its own process group (its terminal)."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the cluster's token (~/.ray/auth_token), as Ray asks
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "study.py"), *argv], cwd=ROOT, env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", _AS_IN_A_TERMINAL, str(ROOT / "examples" / "study.py"), *argv], cwd=ROOT, env=env,
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
