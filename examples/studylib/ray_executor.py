@@ -207,9 +207,15 @@ class RayExecutor:
 
     def close(self) -> None:
         """Cancel the runs still in flight (Ctrl-C, an error) and stop the Ray instance this executor started."""
-        for _, ref in self.busy.values():
+        refs = [ref for _, ref in self.busy.values()]
+        ended, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        for ref in refs:
+            if ref in ended:
+                continue
             try:
-                self.ray.cancel(ref, force=True)
+                # Not force=True: a forced cancel racing a task's own reply aborts the driver inside Ray (2.60:
+                # "Tried to complete task that was not pending"). The run gets a KeyboardInterrupt and ends.
+                self.ray.cancel(ref)
             except Exception as exc:  # a task that already ended cannot be cancelled; nothing to do
                 self.log(f"[study] ray: cancel: {type(exc).__name__}: {exc}")
         self.busy.clear()
