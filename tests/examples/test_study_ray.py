@@ -23,7 +23,8 @@ import adst_examples.studylib as study
 from adst_examples.training.checkpoints import jsonable
 
 ROOT = Path(__file__).resolve().parents[2]
-# Tiny, but two epochs of two steps: long enough to be killed mid-run, short enough for a 2-core machine.
+# Tiny: two steps an epoch, two epochs unless a test asks for more (_argv): long enough to be killed mid-run,
+# short enough for a 2-core machine.
 TINY = ["--datasets", "synthetic", "--img-size", "32", "--synthetic-n", "16", "--max-steps", "2",
         "--batch-size", "4", "--encoder", "resnet18", "--no-progress", "--arms", "baseline,adst",
         "--parallel", "2", "--threads", "1"]  # fmt: skip
