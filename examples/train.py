@@ -36,8 +36,11 @@ __all__ = ["UsageError", "build_parser", "main", "parse_args"]
 #: Defaults of --img-size, --epochs and --lr: the synthetic data's are small, so the no-argument run takes minutes.
 DEFAULTS: dict[str, Any] = {"img_size": 256, "epochs": 100, "lr": DEFAULT_LR}
 SYNTHETIC_DEFAULTS: dict[str, Any] = {"img_size": 128, "epochs": 8, "lr": SYNTHETIC_LR}
-#: Flags that may change when resuming (they do not change the computation's result on the same device).
-RUNTIME_KEYS = frozenset({"resume", "device", "workers", "no_progress", "stop_after_epoch", "out", "amp"})
+#: Flags that may change when resuming: where and how the same computation runs (--amp and --channels-last change
+#: its rounding, not what it computes).
+RUNTIME_KEYS = frozenset(
+    {"resume", "device", "workers", "no_progress", "stop_after_epoch", "out", "amp", "channels_last"}
+)
 
 
 def _by_dataset(key: str) -> str:
@@ -94,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA if any [%(default)s]")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="autocast: auto = bf16 (or fp16 + GradScaler) on CUDA, off on CPU [%(default)s]")  # fmt: skip
+    g.add_argument("--channels-last", action="store_true",
+                   help="NHWC weights, often faster convolutions (docs/results.md); same export")  # fmt: skip
     g.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers per process [%(default)s]")
     g.add_argument("--seed", type=non_negative_int, default=0, help="seeds init, shuffling, augmentation [%(default)s]")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")

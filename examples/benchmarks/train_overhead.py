@@ -5,6 +5,7 @@
     python examples/benchmarks/train_overhead.py --breakdown             # where the extra time goes
     python examples/benchmarks/train_overhead.py --also-main-target core # two main-map targets, one loop
     python examples/benchmarks/train_overhead.py --also-head-stride 4    # the default and a cheaper head, one loop
+    python examples/benchmarks/train_overhead.py --also-channels-last    # both steps again, --channels-last
 
 Steps are interleaved A/B/A/B after a warm-up; the ratio of the medians is printed. Each step is the training
 engine's :func:`~adst_examples.training.engine.train_step`, the one train.py and the study run (forward under
@@ -24,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adst_examples.benchmarks._common import ARCH_NAMES, build_plain_model, interleaved_medians
-from adst_examples.training.distributed import describe_device, resolve_device
+from adst_examples.training.distributed import describe_device, place_model, resolve_device
 from adst_examples.training.engine import Batch, Optimisation, train_step
 from adst_examples.training.models import count_params
 from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTLoss, wrap_with_adst
@@ -85,6 +86,11 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
         other = wrap_with_adst(copy.deepcopy(base), args.preset, **(overrides | also_overrides(args)))
         other = other.to(device).to(memory_format=fmt)
         steps["also"] = step_fn(other, ADSTLoss(other))
+    if args.also_channels_last:  # both steps again as --channels-last trains them (NHWC weights), in the same loop
+        plain_nhwc = place_model(copy.deepcopy(plain), device, channels_last=True)
+        adst_nhwc = place_model(copy.deepcopy(adst), device, channels_last=True)
+        steps["plain_nhwc"] = step_fn(plain_nhwc, ADSTLoss(None))
+        steps["adst_nhwc"] = step_fn(adst_nhwc, ADSTLoss(adst_nhwc))
     if args.breakdown:
         steps.update(part_fns(plain, adst, x, y))
     medians = interleaved_medians(steps, args.steps, args.warmup)
@@ -95,6 +101,7 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> dict:
         "adst_s": medians["adst"],
         "ratio": medians["adst"] / medians["plain"],
         "also_s": medians.get("also"),
+        "nhwc_s": {k: medians[f"{k}_nhwc"] for k in ("plain", "adst")} if args.also_channels_last else None,
         "head_params": count_params(adst.head),
         "model_params": count_params(plain),
         "head_gflops": head_flops / 1e9,
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "target in the same loop (its ratio to the plain step is printed too)")  # fmt: skip
     parser.add_argument("--also-head-stride", type=int, help="time a second ADST step with this head stride in the "
                         "same loop (combines with --also-main-target)")  # fmt: skip
+    parser.add_argument("--also-channels-last", action="store_true", help="time the plain and ADST steps again with "
+                        "NHWC weights, as train.py --channels-last runs them, in the same loop")  # fmt: skip
     parser.add_argument("--breakdown", action="store_true", help="also time the head, targets and terms alone")
     args = parser.parse_args(argv)
     if args.threads:
@@ -185,6 +194,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"\n{r['arch']}, {also} in the same loop: {r['also_s']:.3f} s/step, "
                   f"{r['also_s'] / r['plain_s']:.2f}x the plain step, {r['also_s'] / r['adst_s']:.2f}x the ADST step "
                   "above")  # fmt: skip
+    for r in rows:
+        if r["nhwc_s"] is not None:
+            nhwc = r["nhwc_s"]
+            print(f"\n{r['arch']}, NHWC weights (--channels-last) in the same loop: plain {nhwc['plain']:.3f} s/step "
+                  f"({r['plain_s'] / nhwc['plain']:.2f}x faster), ADST {nhwc['adst']:.3f} s/step "
+                  f"({r['adst_s'] / nhwc['adst']:.2f}x faster); ADST/plain "
+                  f"{nhwc['adst'] / nhwc['plain']:.2f}x")  # fmt: skip
     for r in rows:
         if r["parts"]:
             extra = r["adst_s"] - r["plain_s"]

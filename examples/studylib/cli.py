@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bench-steps", type=positive_int, default=20, help="timed steps per worker in --measure-parallel")
     g.add_argument("--budget-min", type=float, help="start no run that would end after M minutes")
     g.add_argument("--threads", type=int, help="torch CPU threads per run [cores / parallel; Ray on CUDA: 1]")
+    g.add_argument("--channels-last", action="store_true",
+                   help="NHWC weights, often faster convolutions (docs/results.md); not pinned: a folder may mix "
+                   "runs with and without it, each result.json records which")  # fmt: skip
     g.add_argument("--no-progress", action="store_true")
 
     g = p.add_argument_group("executor")
@@ -248,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps,
         patience=args.patience, augment=not args.no_augment, arm_flags=arm_flags, model_args=model_args,
         cache_files=cache_files, img_size=args.img_size, passthrough=tuple(passthrough), split_seed=args.split_seed,
-        threads=1,
+        threads=1, channels_last=args.channels_last,
     )  # fmt: skip
     check_resume(out, cfg)  # the folder's shared settings first, then each finished run's model
     results = load_finished(out, jobs, arm_flags, model_args)

@@ -49,6 +49,8 @@ class StudyConfig:
     split_seed: int
     #: torch CPU threads per run.
     threads: int = 1
+    #: NHWC weights (``--channels-last``): a speed setting, not pinned; each result.json records it.
+    channels_last: bool = False
     engine: str = ENGINE
 
     def resume_view(self) -> dict[str, Any]:

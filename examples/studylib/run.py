@@ -20,7 +20,7 @@ from adst_examples.studylib.config import StudyConfig
 from adst_examples.studylib.plan import Job
 from adst_examples.training.batches import cached_eval_batches, cached_train_batches
 from adst_examples.training.checkpoints import seed_everything
-from adst_examples.training.distributed import resolve_amp
+from adst_examples.training.distributed import place_model, resolve_amp
 from adst_examples.training.engine import Optimisation, default_lr, steps_per_epoch, train_epoch
 from adst_examples.training.evaluation import VALIDATION_METRICS, evaluate, selection_metric
 from adst_examples.training.models import build_criterion, build_model, export_model, head_settings
@@ -34,7 +34,7 @@ def build_run(
     """The seeded model, its loss, the optimisation over the run's steps, and the steps per epoch."""
     args = argparse.Namespace(**cfg.model_args[job.arm])
     seed_everything(job.seed)  # the initialisation depends on the seed alone, as in train.py
-    model = build_model(args, data.in_channels, data.num_classes).to(device)
+    model = place_model(build_model(args, data.in_channels, data.num_classes), device, channels_last=cfg.channels_last)
     criterion = build_criterion(args, model, data.num_classes).to(device)
     steps = steps_per_epoch(len(data.split["train"]), cfg.batch_size, cfg.max_steps)
     lr = cfg.lr if cfg.lr is not None else default_lr(job.dataset)
@@ -116,6 +116,7 @@ def train_run(
         "best_epoch": best_epoch,
         "best_val_dice": best_score,
         "steps_per_epoch": steps,
+        "channels_last": cfg.channels_last,
         "lr": opt.optimizer.defaults["lr"],
         "history": history,
         "timing": {

@@ -1,4 +1,5 @@
-"""Where a process runs: torchrun's DDP context, the device choice, autocast and a one-line machine description."""
+"""Where a process runs: torchrun's DDP context, the device choice, the model's placement and memory format,
+autocast and a one-line machine description."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ __all__ = [
     "autocast",
     "configure_backends",
     "describe_device",
+    "place_model",
     "resolve_amp",
     "resolve_device",
     "setup_distributed",
@@ -148,6 +150,16 @@ def configure_backends(device: torch.device, *, deterministic: bool = False) -> 
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def place_model(model: torch.nn.Module, device: torch.device, *, channels_last: bool = False) -> torch.nn.Module:
+    """The model on ``device``; with ``channels_last`` its 4-D weights in NHWC order (``--channels-last``).
+
+    Convolutions take the weights' layout, so the batches need no change. The values are the same, only float
+    rounding differs; ``save_pretrained`` writes the export contiguous, so the saved model does not depend on it.
+    """
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def describe_device(device: torch.device) -> str:

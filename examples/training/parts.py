@@ -30,7 +30,7 @@ from adst_examples.data import (
 from adst_examples.data import train_transforms as make_train_transforms
 from adst_examples.training.batches import make_loader
 from adst_examples.training.checkpoints import load_checkpoint, seed_everything
-from adst_examples.training.distributed import DistContext, configure_backends, resolve_amp
+from adst_examples.training.distributed import DistContext, configure_backends, place_model, resolve_amp
 from adst_examples.training.engine import Optimisation, steps_per_epoch
 from adst_examples.training.models import build_criterion, build_model
 
@@ -180,7 +180,8 @@ def build_parts(args: argparse.Namespace, ctx: DistContext) -> RunParts:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)  # the model's initialisation depends on the seed alone
     try:
-        model = build_model(args, data.in_channels, data.num_classes).to(ctx.device)
+        model = build_model(args, data.in_channels, data.num_classes)
+        model = place_model(model, ctx.device, channels_last=args.channels_last)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     seed_everything(args.seed + ctx.rank)  # ranks differ in augmentation only; DDP copies rank 0's weights

@@ -3,11 +3,13 @@ and a study run and a train.py run of the same settings computing the same thing
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
 
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 from conftest import tiny_unet, write_lesion_folder
 from torch import nn
@@ -16,6 +18,7 @@ import adst_examples.studylib as study
 from adst_examples import train
 from adst_examples.data import LesionSplit, SyntheticLesionDataset, cache
 from adst_examples.training.batches import EpochSampler, cached_train_batches, epoch_order
+from adst_examples.training.distributed import place_model
 from adst_examples.training.engine import Batch, Optimisation, steps_per_epoch, train_epoch, train_step
 from adst_examples.training.plots import curves_figure
 from adst_plugin import DEFAULT_PRESET, PRESETS, ADSTLoss, wrap_with_adst
@@ -170,3 +173,73 @@ def test_a_study_run_and_a_train_py_run_of_the_same_settings_compute_the_same(tm
     # The study on the folder end to end: its report names the dataset and pairs the arm with the baseline.
     arms = report["datasets"]["tiny"]["arms"]
     assert arms["baseline"]["n_runs"] == arms["adst"]["n_runs"] == 1 and arms["adst"]["paired_val"]["dice"]["n"] == 1
+
+
+def test_channels_last_trains_the_same_step_and_its_export_reloads_contiguous(tmp_path: Path) -> None:
+    """``--channels-last`` changes the weights' layout, not the computation: one step of each layout gives the
+    same loss and gradients (float rounding aside), and the saved export is an ordinary contiguous smp model."""
+    torch.manual_seed(0)
+    base = wrap_with_adst(tiny_unet())
+    cpu = torch.device("cpu")
+    nchw = place_model(copy.deepcopy(base), cpu)
+    nhwc = place_model(copy.deepcopy(base), cpu, channels_last=True)
+    weights = [m.weight for m in nhwc.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert any(not w.is_contiguous() for w in weights)  # the 3x3 kernels really are NHWC
+    batch = _batch()
+    losses = []
+    for model in (nchw, nhwc):
+        opt = Optimisation.build(model, lr=1e-3, total_steps=2, device=cpu)
+        losses.append(train_step(model, ADSTLoss(model), opt, batch)[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    # Gradients, not the stepped weights: Adam's first step is lr * sign(grad), which rounding flips near 0.
+    grads = {name: p.grad for name, p in nhwc.named_parameters()}
+    assert {n for n, g in grads.items() if g is None} == {n for n, p in nchw.named_parameters() if p.grad is None}
+    scale = max(p.grad.abs().max().item() for p in nchw.parameters() if p.grad is not None)
+    for name, p in nchw.named_parameters():
+        if p.grad is not None:  # a gradient that cancels to ~1e-7 differs in its rounding: atol on the largest one
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-3, atol=1e-5 * scale, msg=name)
+
+    nhwc.export().save_pretrained(str(tmp_path / "exported"))
+    reloaded = smp.from_pretrained(str(tmp_path / "exported")).eval()
+    assert all(p.is_contiguous() for p in reloaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch.images), nchw.export()(batch.images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_py_and_the_study_place_the_model_as_channels_last_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flag reaches the model in both; the study records it per run and does not pin it in its folder."""
+    import adst_examples.studylib.run as study_run
+    from adst_examples.training import parts
+
+    seen: list[bool] = []
+
+    def recording(model: nn.Module, device: torch.device, *, channels_last: bool = False) -> nn.Module:
+        seen.append(channels_last)
+        return place_model(model, device, channels_last=channels_last)
+
+    monkeypatch.setattr(parts, "place_model", recording)
+    monkeypatch.setattr(study_run, "place_model", recording)
+    images, masks = write_lesion_folder(tmp_path / "data", n=14)
+    folder = ["--dataset", "folder", "--images", str(images), "--masks", str(masks), "--workers", "0"]
+    train.main([*folder, "--out", str(tmp_path / "train"), "--channels-last", *TINY[:-3], "--epochs", "1",
+                "--max-steps", "1"])  # fmt: skip
+    assert seen == [True]
+    config = json.loads((tmp_path / "train" / "config.json").read_text())
+    assert config["args"]["channels_last"] is True
+
+    argv = ["--folder", "tiny", str(images), str(masks), "--datasets", "tiny", "--arms", "adst", "--out",
+            str(tmp_path / "study"), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1", *TINY]  # fmt: skip
+    study.main([*argv, "--seeds", "1"])
+    study.main([*argv, "--seeds", "2", "--channels-last"])  # the same folder resumes with the flag
+    runs = tmp_path / "study" / "runs" / "tiny"
+    recorded = {
+        (arm, seed): json.loads((runs / arm / f"seed{seed}" / "result.json").read_text())["channels_last"]
+        for arm in ("baseline", "adst")
+        for seed in (0, 1)
+    }
+    assert recorded == {("baseline", 0): False, ("adst", 0): False, ("baseline", 1): True, ("adst", 1): True}
+    assert seen[1:] == [False, False, True, True]

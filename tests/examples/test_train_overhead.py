@@ -32,7 +32,8 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
             adst = next((m for m, *_ in seen["steps"] if isinstance(m, ADSTModel)), None)
             before = None if adst is None else [p.grad.clone() for p in adst.head.parameters()]
             seen["parts"][name] = (fn(), before, adst)
-        medians = {"plain": 0.2, "adst": 0.3, "also": 0.35, "head": 0.05, "targets": 0.01, "terms": 0.02}
+        medians = {"plain": 0.2, "adst": 0.3, "also": 0.35, "head": 0.05, "targets": 0.01, "terms": 0.02,
+                   "plain_nhwc": 0.16, "adst_nhwc": 0.25}  # fmt: skip
         return {name: medians[name] for name in fns}
 
     monkeypatch.setattr(train_overhead, "train_step", recording_step)
@@ -79,3 +80,18 @@ def test_a_cheaper_head_is_timed_in_the_same_loop(recorded, capsys):
     assert strides == [2, 4]  # the default's head, then the cheaper one
     assert row["also_s"] == 0.35
     assert "head_stride 4 in the same loop: 0.350 s/step, 1.75x the plain" in capsys.readouterr().out
+
+
+def _nhwc(model: torch.nn.Module) -> bool:
+    return all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d))  # fmt: skip
+
+
+@pytest.mark.slow  # builds four resnet18 Unets and runs one step of each
+def test_the_channels_last_steps_are_timed_in_the_same_loop(recorded, capsys):
+    (row,) = train_overhead.main([*ARGV, "--also-channels-last"])
+    layouts = [(isinstance(m, ADSTModel), _nhwc(m)) for m, *_ in recorded["steps"]]
+    assert layouts == [(False, False), (True, False), (False, True), (True, True)]
+    assert row["nhwc_s"] == {"plain": 0.16, "adst": 0.25}
+    out = capsys.readouterr().out
+    assert "plain 0.160 s/step (1.25x faster), ADST 0.250 s/step (1.20x faster); ADST/plain 1.56x" in out
