@@ -37,9 +37,12 @@ What it does:
   validation), and the training step-time ratio. **Rule, fixed before the runs: the default is the ADST arm with
   the best mean paired validation boundary IoU among the ADST arms whose mean paired validation Dice difference
   is >= -0.5 points; test is reported, never used to choose; if no arm's paired BIoU interval lies above 0, the
-  report says so.** ``--report-only`` builds the report from the result.json files already in OUT.
+  report says so.** ``--report-only`` builds the report from the result.json files already in OUT. With several
+  datasets the report also names one default across them (``across``: eligible on every dataset, best mean of the
+  per-dataset mean paired validation BIoU; ``--tie-prefer CHEAP=OVER`` for a cheaper arm that ties).
 """
 
+from adst_examples.studylib.across import ACROSS_RULE, choose_across
 from adst_examples.studylib.arms import ARMS, BASELINE, arm_registry, parse_model_flags
 from adst_examples.studylib.cli import build_parser, cli, main
 from adst_examples.studylib.config import StudyConfig, UsageError
@@ -50,6 +53,7 @@ from adst_examples.studylib.report import METRICS, MIN_SEEDS, RULE, build_report
 from adst_examples.studylib.workers import exit_with_parent
 
 __all__ = [
+    "ACROSS_RULE",
     "ARMS",
     "BASELINE",
     "METRICS",
@@ -61,6 +65,7 @@ __all__ = [
     "arm_registry",
     "build_parser",
     "build_report",
+    "choose_across",
     "choose_default",
     "cli",
     "dataset_source",

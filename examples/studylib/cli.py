@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adst_examples.cli import positive_int
+from adst_examples.studylib.across import parse_tie_prefer
 from adst_examples.studylib.arms import ARMS, BASELINE, parse_model_flags, select_arms
 from adst_examples.studylib.config import StudyConfig, UsageError
 from adst_examples.studylib.datasets import parse_folders, prepare_caches
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--out", default="runs/study", help="study folder")
     g.add_argument("--report-only", action="store_true", help="train nothing: report the result.json files in OUT")
+    g.add_argument(
+        "--tie-prefer", metavar="CHEAP=OVER",
+        help="across datasets: if the rule picks OVER and CHEAP ties it on validation BIoU (seed-paired interval "
+        "spanning 0), CHEAP is the pick, e.g. adst-s4=adst (a cheaper head)",
+    )  # fmt: skip
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument(
         "--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="auto: bf16 on CUDA, off on CPU"
@@ -126,6 +132,19 @@ def _write(out: Path, report: dict[str, Any], quiet: bool) -> dict[str, Any]:
     return report
 
 
+def _tie_prefer(text: str | None, arms: Sequence[str]) -> tuple[str, str] | None:
+    try:
+        pair = parse_tie_prefer(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    unknown = [a for a in pair or () if a not in arms or a == BASELINE]
+    if unknown:
+        raise UsageError(
+            f"--tie-prefer: {', '.join(unknown)} is not an ADST arm of this study (arms: {', '.join(arms)})"
+        )
+    return pair
+
+
 def report_only(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> dict[str, Any]:
     """study.json and study.md of the result.json files already in ``--out`` (of this code or an earlier one)."""
     out = Path(args.out)
@@ -145,7 +164,8 @@ def report_only(args: argparse.Namespace, command: str, log: Callable[[str], Non
         "seeds": sorted({j.seed for j in results}),
         "arms_flags": {a: flags.get(a, "") for a in arms},
     }
-    return _write(out, build_report(results, datasets, arms, flags, meta), args.no_progress)
+    tie = _tie_prefer(args.tie_prefer, arms)
+    return _write(out, build_report(results, datasets, arms, flags, meta, tie), args.no_progress)
 
 
 def _outside_runs(outside: dict[str, float]) -> dict[str, Any]:
@@ -224,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.time()
     deadline = t_start + 60 * args.budget_min if args.budget_min else None
     arms, registry = select_arms(args.arms or "baseline,adst", args.arm)
+    tie = _tie_prefer(args.tie_prefer, arms)
     folders = parse_folders(args.folder)
     datasets = _names(args.datasets, "synthetic")
     seeds = args.seed_list if args.seed_list else list(range(args.seeds))
@@ -299,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "not_run": outcome.not_run,
         "failed": outcome.failed,
     }
-    report = build_report(outcome.results, datasets, arms, registry, meta)
+    report = build_report(outcome.results, datasets, arms, registry, meta, tie)
     return _write(out, report, args.no_progress)
 
 

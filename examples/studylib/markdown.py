@@ -40,6 +40,10 @@ def _pd(p: dict[str, Any] | None, metric: str) -> str:
     return f"{p['mean'] * scale:+.2f}{ci} {p['better']}/{p['n']}"
 
 
+def _points(value: float | None) -> str:
+    return f"{100 * value:+.2f}" if _finite(value) else "-"
+
+
 def _ratio(value: float | None) -> str:
     return f"{value:.2f}x" if _finite(value) else "-"
 
@@ -125,6 +129,51 @@ def _choice(choice: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _across(across: dict[str, Any]) -> list[str]:
+    """The one default across the datasets: per arm its per-dataset means, its score, and the pick said plainly."""
+    datasets = across["datasets"]
+    lines = [f"## Across {', '.join(datasets)}", "", f"**Rule (fixed before the runs):** {across['rule']}", ""]
+    head = " | ".join(f"{d}: Δ val Dice | {d}: Δ val BIoU | {d}: seeds" for d in datasets)
+    lines += [f"| arm | {head} | mean Δ val BIoU |", "|---" * (2 + 3 * len(datasets)) + "|"]
+    for arm, rows in across["per_dataset"].items():
+        cells = " | ".join(f"{_points(r['dice'])} | {_points(r['boundary_iou'])} | {r['n']}" for r in rows.values())
+        lines.append(f"| {arm} | {cells} | {_points(across['scores'].get(arm))} |")
+    lines.append("")
+    for arm, why in across.get("excluded", {}).items():
+        lines.append(f"Not eligible on every dataset: **{arm}** ({why}).")
+    if across.get("arm") is None:
+        return [*lines, "No ADST arm is eligible on every dataset: no default is chosen across them.", ""]
+    short = across.get("short", {})
+    if short:
+        counts = ", ".join(f"**{arm}** ({n})" for arm, n in short.items())
+        lines.append(f"Reported, not in the decision (fewer than {MIN_SEEDS} paired seeds on some dataset): {counts}.")
+    tie = across.get("tie_prefer")
+    pick = across.get("rule_pick", across["arm"])
+    kind = "Provisional pick" if across.get("provisional") else "Chosen"
+    lines.append(
+        f"{kind} by the rule across the datasets: **{pick}** (mean Δ val BIoU {_points(across['scores'][pick])})."
+    )
+    runner = across.get("vs_runner_up")
+    if runner:
+        pr = _pd(runner["paired_val_boundary_iou"], "boundary_iou")
+        lines.append(f"Against the next arm, **{runner['arm']}**, seed-paired Δ val BIoU {pr}.")
+    if tie:
+        pr = tie.get("paired_val_boundary_iou")
+        if tie["applied"]:
+            lines.append(
+                f"Tie preference {tie['cheap']}={tie['over']}: **{tie['cheap']}** against {tie['over']}, seed-paired "
+                f"Δ val BIoU {_pd(pr, 'boundary_iou')}, a tie: **{tie['cheap']}** is the pick."
+            )
+        elif pr:
+            lines.append(
+                f"Tie preference {tie['cheap']}={tie['over']}: {tie['cheap']} against {tie['over']}, seed-paired "
+                f"Δ val BIoU {_pd(pr, 'boundary_iou')}, not a tie: **{pick}** stays."
+            )
+        else:
+            lines.append(f"Tie preference {tie['cheap']}={tie['over']} not applied: {tie['why_not']}.")
+    return [*lines, ""]
+
+
 def _class_table(entry: dict[str, Any]) -> list[str]:
     """Multi-class datasets: per-class test Dice per arm, and the paired differences (val and test)."""
     columns = entry.get("class_metrics") or []
@@ -178,6 +227,8 @@ def format_markdown(report: dict[str, Any], title: str = "ADST study") -> str:
         lines += _class_table(entry)
         lines += _choice(entry.get("choice", {}))
         lines.append("")
+    if report.get("across"):
+        lines += _across(report["across"])
     if report.get("failed"):
         lines += [f"Failed runs (see study.json): {', '.join(sorted(report['failed']))}.", ""]
     if report.get("not_run"):

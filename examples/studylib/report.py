@@ -11,8 +11,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from adst_examples import stats
+from adst_examples.studylib.across import choose_across
 from adst_examples.studylib.arms import BASELINE, is_adst
 from adst_examples.studylib.plan import Job
+from adst_examples.studylib.thresholds import MIN_SEEDS, NON_INFERIORITY
 
 __all__ = [
     "CONVERGENCE_WINDOW",
@@ -29,10 +31,6 @@ __all__ = [
 #: Reported metrics; HD95 is a distance (lower is better), the others are overlaps/rates (higher is better).
 METRICS: tuple[str, ...] = ("dice", "iou", "hd95", "boundary_iou", "small_recall", "small_dice")
 LOWER_IS_BETTER = frozenset({"hd95"})
-#: The smallest mean paired validation Dice difference (a fraction: -0.005 = -0.5 points) of an eligible arm.
-NON_INFERIORITY = -0.005
-#: Paired seeds an eligible arm needs to take part in the decision (a finalist); with none, the pick is provisional.
-MIN_SEEDS = 12
 RULE = (
     "The default is the ADST arm with the best mean paired validation boundary IoU difference against the baseline "
     "(datasets.<name>.arms.<arm>.paired_val.boundary_iou.mean), among the ADST arms whose mean paired validation "
@@ -159,9 +157,13 @@ def build_report(
     arms: Sequence[str],
     arm_flags: dict[str, str],
     meta: dict[str, Any] | None = None,
+    tie_prefer: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The study's JSON: per dataset and arm, metrics (mean ± std), paired differences, step ratio, the choice."""
+    """The study's JSON: per dataset and arm, metrics (mean ± std), paired differences, step ratio, the choice;
+    with several datasets also the one default across them (``across``, :func:`choose_across`; ``tie_prefer``:
+    its ``CHEAP=OVER`` tie preference)."""
     report: dict[str, Any] = {"rule": RULE, "metrics": list(METRICS), **(meta or {}), "datasets": {}}
+    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     # Seed order, not the order runs finished in: the same runs give the same report, float sums included.
     results = dict(sorted(results.items(), key=lambda item: (item[0].dataset, item[0].arm, item[0].seed)))
     for name in datasets:
@@ -169,6 +171,7 @@ def build_report(
         for job, res in results.items():
             if job.dataset == name and job.arm in by_arm:
                 by_arm[job.arm][job.seed] = res
+        runs[name] = by_arm
         base = by_arm.get(BASELINE, {})
         base_step = stats.mean_std([r["timing"]["s_per_step"] for r in base.values()])["mean"]
         per_class = class_metrics(r for j, r in results.items() if j.dataset == name)
@@ -192,4 +195,6 @@ def build_report(
                 "device": sample.get("device"),
             }
         report["datasets"][name] = entry
+    if len(report["datasets"]) > 1:
+        report["across"] = choose_across(report["datasets"], runs, tie_prefer)
     return report
