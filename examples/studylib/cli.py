@@ -295,8 +295,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bar.set_postfix(failed=len(failures))
 
     try:
+        like = {"channels_last": cfg.channels_last, "parallel": parallel}
         outcome = schedule(executor, pending, results, epochs, deadline, log=log, on_done=lambda job: bar.update(),
-                           on_failed=failed)  # fmt: skip
+                           on_failed=failed, like=like)  # fmt: skip
     finally:  # Ctrl-C too: stop the runs in flight (the finished ones are saved)
         bar.close()
         t_close = time.perf_counter()

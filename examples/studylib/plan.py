@@ -180,18 +180,35 @@ def check_resume(out: Path, cfg: StudyConfig) -> None:
     write_json(path, current)
 
 
-def estimate_seconds(job: Job, results: dict[Job, dict[str, Any]], epochs: int) -> float | None:
+def estimate_seconds(
+    job: Job, results: dict[Job, dict[str, Any]], epochs: int, like: dict[str, Any] | None = None
+) -> float | None:
     """Seconds a run will take, from the s/epoch (and final evaluation) measured in finished runs.
 
     Same dataset and arm if any; else the slowest arm of the same dataset; else ``None`` (unknown: the run starts
-    and is itself the measurement).
+    and is itself the measurement). ``like`` (``{"channels_last": bool, "parallel": int}``, the settings the run
+    will have): among those runs, the ones measured with these settings if any, so runs of an earlier layout or
+    concurrency do not stand for this one.
     """
 
     def cost(r: dict[str, Any]) -> float:
         return epochs * r["timing"]["s_per_epoch"] + r["timing"].get("final_eval_s", 0.0)
 
-    same = [cost(r) for j, r in results.items() if j.dataset == job.dataset and j.arm == job.arm]
+    def alike(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not like:
+            return runs
+        matching = [r for r in runs if all(_recorded(r, key) == value for key, value in like.items())]
+        return matching or runs
+
+    same = alike([r for j, r in results.items() if j.dataset == job.dataset and j.arm == job.arm])
     if same:
-        return float(np.mean(same))
-    other = [cost(r) for j, r in results.items() if j.dataset == job.dataset]
-    return float(max(other)) if other else None
+        return float(np.mean([cost(r) for r in same]))
+    other = alike([r for j, r in results.items() if j.dataset == job.dataset])
+    return float(max(cost(r) for r in other)) if other else None
+
+
+def _recorded(result: dict[str, Any], key: str) -> Any:
+    """A run's recorded setting: ``channels_last`` (False before it was recorded) or ``parallel`` (its timing)."""
+    if key == "parallel":
+        return result["timing"].get("parallel")
+    return bool(result.get(key, False)) if key == "channels_last" else result.get(key)

@@ -82,15 +82,17 @@ def schedule(
     log: Callable[[str], None],
     on_done: Callable[[Job], None] = lambda job: None,
     on_failed: Callable[[Job], None] = lambda job: None,
+    like: dict[str, Any] | None = None,
 ) -> Outcome:
     """Start the pending runs in order while an executor slot is free; start none that its measured cost says
-    would end after ``deadline`` (that one and every later run are reported as not run)."""
+    would end after ``deadline`` (that one and every later run are reported as not run). ``like``: the settings
+    the runs have, so the cost is read from finished runs measured with them (:func:`estimate_seconds`)."""
     out = Outcome(results=dict(results))
     queue = list(pending)
     submitted: dict[Job, float] = {}
     while queue or executor.busy:
         while queue and executor.free() is not None:
-            est = estimate_seconds(queue[0], out.results, epochs[queue[0].dataset])
+            est = estimate_seconds(queue[0], out.results, epochs[queue[0].dataset], like)
             late = time.time() + (est or 0.0) > deadline if deadline is not None else False
             if late:
                 out.not_run += [j.key for j in queue]

@@ -71,6 +71,15 @@ def test_estimate_seconds() -> None:
     res[study.Job("busi", "adst", 0)] = _result("busi", "adst", 0, 0.8, 0.8, s_step=0.3)
     assert study.estimate_seconds(job, res, 50) == pytest.approx(50 * 3.0 + 1.0)
     assert study.estimate_seconds(study.Job("kvasir", "adst", 0), res, 50) is None
+    # A slow first run in another layout and concurrency does not stand for runs with today's settings.
+    fast = _result("busi", "adst", 1, 0.8, 0.8, s_step=0.1)
+    fast["channels_last"], fast["timing"]["parallel"] = True, 2
+    res[study.Job("busi", "adst", 1)] = fast
+    like = {"channels_last": True, "parallel": 2}
+    assert study.estimate_seconds(job, res, 50, like) == pytest.approx(50 * 1.0 + 1.0)
+    assert study.estimate_seconds(job, res, 50) == pytest.approx(50 * 2.0 + 1.0)  # no settings: every run
+    # No run measured like this: every run of the arm.
+    assert study.estimate_seconds(job, res, 50, {"channels_last": False, "parallel": 4}) == pytest.approx(51.0 + 50)
 
 
 def test_report_does_not_depend_on_the_order_runs_finished_in() -> None:
