@@ -15,7 +15,7 @@ from typing import Any
 
 from adst_examples import stats
 from adst_examples.studylib.arms import BASELINE, is_adst
-from adst_examples.studylib.thresholds import MIN_SEEDS, NON_INFERIORITY
+from adst_examples.studylib.thresholds import MIN_SEEDS, NON_INFERIORITY, finalist_pool
 
 __all__ = ["ACROSS_RULE", "choose_across", "parse_tie_prefer"]
 
@@ -98,12 +98,8 @@ def choose_across(
     if not ranked:
         return out
     seeds = {a: min(r["n"] for r in per_dataset[a].values()) for a in ranked}
-    finalists = [a for a in ranked if seeds[a] >= MIN_SEEDS]
-    out["provisional"] = not finalists
-    out["short"] = {} if out["provisional"] else {a: n for a, n in seeds.items() if n < MIN_SEEDS}
-    pool = finalists or ranked
-    out["arm"] = pool[0]
-    out["paired_seeds"] = seeds[pool[0]]
+    pool, fields = finalist_pool(ranked, seeds)
+    out.update(fields)
     if len(pool) > 1:
         out["vs_runner_up"] = {"arm": pool[1], "paired_val_boundary_iou": _between(runs, pool[0], pool[1], datasets)}
     if tie_prefer is not None:
@@ -119,6 +115,6 @@ def choose_across(
         elif out["arm"] != over:
             record["why_not"] = f"the pick is {out['arm']}, not {over}"
         else:
-            record["why_not"] = f"{cheap} is not {'a finalist' if finalists else 'eligible'} on every dataset"
+            record["why_not"] = f"{cheap} is not {'eligible' if out['provisional'] else 'a finalist'} on every dataset"
         out["tie_prefer"] = record
     return out

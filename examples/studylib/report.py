@@ -14,7 +14,7 @@ from adst_examples import stats
 from adst_examples.studylib.across import choose_across
 from adst_examples.studylib.arms import BASELINE, is_adst
 from adst_examples.studylib.plan import Job
-from adst_examples.studylib.thresholds import MIN_SEEDS, NON_INFERIORITY
+from adst_examples.studylib.thresholds import MIN_SEEDS, NON_INFERIORITY, finalist_pool
 
 __all__ = [
     "CONVERGENCE_WINDOW",
@@ -129,13 +129,8 @@ def choose_default(arms: dict[str, dict[str, Any]], by_arm: dict[str, dict[int, 
     out["excluded_finalists"] = [a for a in excluded if adst[a]["paired_val"]["boundary_iou"]["n"] >= MIN_SEEDS]
     if not ranked:
         return out
-    seeds = {a: arms[a]["paired_val"]["boundary_iou"]["n"] for a in ranked}
-    finalists = [a for a in ranked if seeds[a] >= MIN_SEEDS]
-    out["provisional"] = not finalists
-    out["short"] = {} if out["provisional"] else {a: n for a, n in seeds.items() if n < MIN_SEEDS}
-    ranked = finalists or ranked
-    out["arm"] = ranked[0]
-    out["paired_seeds"] = seeds[ranked[0]]
+    ranked, fields = finalist_pool(ranked, {a: arms[a]["paired_val"]["boundary_iou"]["n"] for a in ranked})
+    out.update(fields)
     best = arms[ranked[0]]
     for key, split in (("val", "paired_val"), ("test", "paired")):
         out[f"paired_{key}_boundary_iou"] = best[split]["boundary_iou"]
