@@ -208,9 +208,9 @@ def format_markdown(report: dict[str, Any], title: str = "ADST study") -> str:
         "Dice, IoU, boundary IoU (BIoU, 2 % of the diagonal) and small-lesion (< 1 % of the image) recall and Dice in "
         "points (x100), HD95 in pixels. Metrics: mean ± std over seeds of each run's mean over images (small-lesion "
         "scores pooled over the split), from the best-on-validation weights, exported. Paired Δ = arm - baseline "
-        "with the same seed: mean [95 % t-interval] and better/n (for HD95, better = lower). Step ratio: mean "
-        "training s/step of the arm over the baseline's, measured in this study (runs sharing the device at the "
-        "same concurrency).",
+        "with the same seed: mean [95 % t-interval] and better/n (for HD95, better = lower). Step ratio: the "
+        "arm's training s/step over the baseline's of the same seed, geometric mean over the seeds whose two runs "
+        "had the same layout, concurrency and device (a study's timings, not a benchmark: runs share the device).",
         "",
     ]
     for name, entry in report["datasets"].items():

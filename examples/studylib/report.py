@@ -68,8 +68,24 @@ def class_metrics(results: Iterable[dict[str, Any]]) -> tuple[str, ...]:
     return ()
 
 
-def _arm_entry(runs: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]], flags: str, base_step: float,
-               is_baseline: bool, metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:  # fmt: skip
+def _settings(result: dict[str, Any]) -> tuple[Any, ...]:
+    """What a run's step time depends on besides its model: layout, concurrency, device."""
+    return bool(result.get("channels_last", False)), result["timing"].get("parallel"), result.get("device")
+
+
+def _step_ratio(runs: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]]) -> tuple[float, int]:
+    """Geometric mean over the seeds of the arm's s/step over the baseline's, of the pairs run with the same
+    settings (:func:`_settings`), and the number of such pairs; ``nan`` with none."""
+    ratios = [
+        runs[s]["timing"]["s_per_step"] / base[s]["timing"]["s_per_step"]
+        for s in sorted(set(runs) & set(base))
+        if _settings(runs[s]) == _settings(base[s]) and base[s]["timing"]["s_per_step"] > 0
+    ]
+    return (math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else math.nan), len(ratios)
+
+
+def _arm_entry(runs: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]], flags: str, is_baseline: bool,
+               metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:  # fmt: skip
     a: dict[str, Any] = {
         "flags": flags,
         "seeds": sorted(runs),
@@ -82,8 +98,7 @@ def _arm_entry(runs: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]],
         "s_per_epoch": stats.mean_std([r["timing"]["s_per_epoch"] for r in runs.values()]),
         "convergence": _convergence(runs.values()),
     }
-    ok = bool(base_step) and math.isfinite(base_step)
-    a["step_ratio"] = a["s_per_step"]["mean"] / base_step if ok else math.nan
+    a["step_ratio"], a["step_ratio_pairs"] = _step_ratio(runs, base)
     if not is_baseline:
         for key, split in (("paired", "test"), ("paired_val", "val")):
             a[key] = {
@@ -168,13 +183,10 @@ def build_report(
                 by_arm[job.arm][job.seed] = res
         runs[name] = by_arm
         base = by_arm.get(BASELINE, {})
-        base_step = stats.mean_std([r["timing"]["s_per_step"] for r in base.values()])["mean"]
         per_class = class_metrics(r for j, r in results.items() if j.dataset == name)
         metrics = METRICS + per_class
         entry: dict[str, Any] = {
-            "arms": {
-                a: _arm_entry(by_arm[a], base, arm_flags.get(a, ""), base_step, a == BASELINE, metrics) for a in arms
-            },
+            "arms": {a: _arm_entry(by_arm[a], base, arm_flags.get(a, ""), a == BASELINE, metrics) for a in arms},
             "class_metrics": list(per_class),
         }
         entry["choice"] = choose_default(entry["arms"], by_arm)

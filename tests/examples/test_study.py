@@ -123,6 +123,21 @@ def test_report_fields_and_intervals() -> None:
     json.dumps(jsonable(report), allow_nan=False)  # strict JSON: NaN became null
 
 
+def test_the_step_ratio_pairs_runs_made_with_the_same_settings() -> None:
+    steps = {"baseline": [0.10, 0.20, 0.30], "adst": [0.12, 0.20, 0.15]}
+    results = {study.Job("busi", arm, s): _result("busi", arm, s, 0.8, 0.7, t)
+               for arm, times in steps.items() for s, t in enumerate(times)}  # fmt: skip
+    # Seed 2's arm ran with NHWC weights, its baseline without: a layout's speed, not the head's cost.
+    results[study.Job("busi", "adst", 2)]["channels_last"] = True
+    arms = study.build_report(results, ["busi"], ["baseline", "adst"], study.ARMS)["datasets"]["busi"]["arms"]
+    assert arms["adst"]["step_ratio"] == pytest.approx(math.sqrt(1.2 * 1.0))
+    assert arms["adst"]["step_ratio_pairs"] == 2 and arms["baseline"]["step_ratio"] == pytest.approx(1.0)
+    results[study.Job("busi", "adst", 0)]["timing"]["parallel"] = 2
+    results[study.Job("busi", "adst", 1)]["device"] = "cuda"
+    arms = study.build_report(results, ["busi"], ["baseline", "adst"], study.ARMS)["datasets"]["busi"]["arms"]
+    assert math.isnan(arms["adst"]["step_ratio"]) and arms["adst"]["step_ratio_pairs"] == 0
+
+
 @pytest.mark.parametrize("seeds_b", [1, study.MIN_SEEDS - 1, study.MIN_SEEDS])
 @pytest.mark.parametrize("b_better", [False, True])
 def test_the_rule_decides_among_the_finalists(seeds_b: int, b_better: bool) -> None:
