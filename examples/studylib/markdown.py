@@ -165,9 +165,10 @@ def _across(across: dict[str, Any]) -> list[str]:
                 f"Δ val BIoU {_pd(pr, 'boundary_iou')}, a tie: **{tie['cheap']}** is the pick."
             )
         elif pr:
+            verdict = "not a tie" if pr["n"] > 1 else "no interval with fewer than 2 seeds"
             lines.append(
                 f"Tie preference {tie['cheap']}={tie['over']}: {tie['cheap']} against {tie['over']}, seed-paired "
-                f"Δ val BIoU {_pd(pr, 'boundary_iou')}, not a tie: **{pick}** stays."
+                f"Δ val BIoU {_pd(pr, 'boundary_iou')}, {verdict}: **{pick}** stays."
             )
         else:
             lines.append(f"Tie preference {tie['cheap']}={tie['over']} not applied: {tie['why_not']}.")

@@ -125,6 +125,13 @@ def test_the_cheaper_arm_wins_a_tie_with_the_pick_and_only_a_tie() -> None:
     # Clearly worse on boundary IoU: not a tie, the rule's pick stays.
     worse = _study(_two(adst, [v - 0.02 for v in adst]), ("s4", "adst"))["across"]
     assert worse["arm"] == "adst" and not worse["tie_prefer"]["applied"] and "rule_pick" not in worse
+    assert "not a tie: **adst** stays" in study.format_markdown(
+        jsonable(_study(_two(adst, [v - 0.02 for v in adst]), ("s4", "adst")))
+    )
+    # One seed: no interval, so no tie, and the words say why.
+    one = _study(_two(adst[:1], tied[:1], seeds=1), ("s4", "adst"))
+    assert not one["across"]["tie_prefer"]["applied"]
+    assert "no interval with fewer than 2 seeds: **adst** stays" in study.format_markdown(jsonable(one))
     # Without the preference the rule's pick stands.
     assert _study(values)["across"]["arm"] == "adst"
     # The cheaper arm out of the Dice margin on one dataset cannot win the tie.
