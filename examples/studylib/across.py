@@ -15,7 +15,7 @@ from typing import Any
 
 from adst_examples import stats
 from adst_examples.studylib.arms import BASELINE, is_adst
-from adst_examples.studylib.thresholds import MIN_SEEDS, NON_INFERIORITY, finalist_pool
+from adst_examples.studylib.thresholds import MIN_SEEDS, finalist_pool, not_eligible
 
 __all__ = ["ACROSS_RULE", "choose_across", "parse_tie_prefer"]
 
@@ -81,15 +81,9 @@ def choose_across(
             rows[d] = {"dice": pv["dice"]["mean"], "boundary_iou": pv["boundary_iou"]["mean"],
                        "n": pv["boundary_iou"]["n"]}  # fmt: skip
         per_dataset[arm] = rows
-        missing = [d for d, r in rows.items() if not (math.isfinite(r["dice"]) and math.isfinite(r["boundary_iou"]))]
-        short_of_dice = [d for d, r in rows.items() if d not in missing and r["dice"] < NON_INFERIORITY]
-        if missing:
-            excluded[arm] = f"no paired validation runs on {', '.join(missing)}"
-        elif short_of_dice:
-            excluded[arm] = "; ".join(
-                f"{d}: validation Δ Dice {100 * rows[d]['dice']:+.2f} points < {100 * NON_INFERIORITY:+.1f}"
-                for d in short_of_dice
-            )
+        reasons = {d: not_eligible(entries[d]["arms"][arm]["paired_val"]) for d in datasets}
+        if any(reasons.values()):
+            excluded[arm] = "; ".join(f"{d}: {why}" for d, why in reasons.items() if why)
         else:
             scores[arm] = sum(r["boundary_iou"] for r in rows.values()) / len(rows)
     ranked = sorted(scores, key=lambda a: scores[a], reverse=True)

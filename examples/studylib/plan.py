@@ -186,9 +186,9 @@ def estimate_seconds(
     """Seconds a run will take, from the s/epoch (and final evaluation) measured in finished runs.
 
     Same dataset and arm if any; else the slowest arm of the same dataset; else ``None`` (unknown: the run starts
-    and is itself the measurement). ``like`` (``{"channels_last": bool, "parallel": int}``, the settings the run
-    will have): among those runs, the ones measured with these settings if any, so runs of an earlier layout or
-    concurrency do not stand for this one.
+    and is itself the measurement). ``like`` (some of :func:`run_settings`, e.g. ``{"channels_last": bool,
+    "parallel": int}``, the settings the run will have): among those runs, the ones measured with these settings
+    if any, so runs of an earlier layout or concurrency do not stand for this one.
     """
 
     def cost(r: dict[str, Any]) -> float:
@@ -197,7 +197,7 @@ def estimate_seconds(
     def alike(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not like:
             return runs
-        matching = [r for r in runs if all(_recorded(r, key) == value for key, value in like.items())]
+        matching = [r for r in runs if all(run_settings(r)[key] == value for key, value in like.items())]
         return matching or runs
 
     same = alike([r for j, r in results.items() if j.dataset == job.dataset and j.arm == job.arm])
@@ -207,8 +207,11 @@ def estimate_seconds(
     return float(max(cost(r) for r in other)) if other else None
 
 
-def _recorded(result: dict[str, Any], key: str) -> Any:
-    """A run's recorded setting: ``channels_last`` (False before it was recorded) or ``parallel`` (its timing)."""
-    if key == "parallel":
-        return result["timing"].get("parallel")
-    return bool(result.get(key, False)) if key == "channels_last" else result.get(key)
+def run_settings(result: dict[str, Any]) -> dict[str, Any]:
+    """What a finished run's speed depends on besides its model: ``channels_last`` (False before it was
+    recorded), ``parallel`` (runs sharing the device, from its timing) and ``device``."""
+    return {
+        "channels_last": bool(result.get("channels_last", False)),
+        "parallel": result["timing"].get("parallel"),
+        "device": result.get("device"),
+    }

@@ -13,8 +13,8 @@ from typing import Any
 from adst_examples import stats
 from adst_examples.studylib.across import choose_across
 from adst_examples.studylib.arms import BASELINE, is_adst
-from adst_examples.studylib.plan import Job
-from adst_examples.studylib.thresholds import MIN_SEEDS, NON_INFERIORITY, finalist_pool
+from adst_examples.studylib.plan import Job, run_settings
+from adst_examples.studylib.thresholds import MIN_SEEDS, NON_INFERIORITY, finalist_pool, not_eligible
 
 __all__ = [
     "CONVERGENCE_WINDOW",
@@ -68,18 +68,13 @@ def class_metrics(results: Iterable[dict[str, Any]]) -> tuple[str, ...]:
     return ()
 
 
-def _settings(result: dict[str, Any]) -> tuple[Any, ...]:
-    """What a run's step time depends on besides its model: layout, concurrency, device."""
-    return bool(result.get("channels_last", False)), result["timing"].get("parallel"), result.get("device")
-
-
 def _step_ratio(runs: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]]) -> tuple[float, int]:
     """Geometric mean over the seeds of the arm's s/step over the baseline's, of the pairs run with the same
-    settings (:func:`_settings`), and the number of such pairs; ``nan`` with none."""
+    settings (:func:`~adst_examples.studylib.plan.run_settings`), and the number of such pairs; ``nan`` with none."""
     ratios = [
         runs[s]["timing"]["s_per_step"] / base[s]["timing"]["s_per_step"]
         for s in sorted(set(runs) & set(base))
-        if _settings(runs[s]) == _settings(base[s]) and base[s]["timing"]["s_per_step"] > 0
+        if run_settings(runs[s]) == run_settings(base[s]) and base[s]["timing"]["s_per_step"] > 0
     ]
     return (math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else math.nan), len(ratios)
 
@@ -124,13 +119,11 @@ def choose_default(arms: dict[str, dict[str, Any]], by_arm: dict[str, dict[int, 
     adst = {a: e for a, e in arms.items() if a != BASELINE and is_adst(e["flags"])}
     eligible, excluded = {}, {}
     for arm, e in adst.items():
-        dice, biou = e["paired_val"]["dice"]["mean"], e["paired_val"]["boundary_iou"]["mean"]
-        if not (math.isfinite(dice) and math.isfinite(biou)):
-            excluded[arm] = "no paired validation runs"
-        elif dice < NON_INFERIORITY:
-            excluded[arm] = f"validation Δ Dice {100 * dice:+.2f} points < {100 * NON_INFERIORITY:+.1f}"
+        why = not_eligible(e["paired_val"])
+        if why:
+            excluded[arm] = why
         else:
-            eligible[arm] = biou
+            eligible[arm] = e["paired_val"]["boundary_iou"]["mean"]
     ranked = sorted(eligible, key=lambda a: eligible[a], reverse=True)
     out: dict[str, Any] = {
         "arm": ranked[0] if ranked else None,
