@@ -123,11 +123,10 @@ def test_the_cheaper_arm_wins_a_tie_with_the_pick_and_only_a_tie() -> None:
     text = study.format_markdown(jsonable(_study(values, ("s4", "adst"))))
     assert "## Across busi, kvasir" in text and "**s4** is the pick" in text
     # Clearly worse on boundary IoU: not a tie, the rule's pick stays.
-    worse = _study(_two(adst, [v - 0.02 for v in adst]), ("s4", "adst"))["across"]
+    worse_study = _study(_two(adst, [v - 0.02 for v in adst]), ("s4", "adst"))
+    worse = worse_study["across"]
     assert worse["arm"] == "adst" and not worse["tie_prefer"]["applied"] and "rule_pick" not in worse
-    assert "not a tie: **adst** stays" in study.format_markdown(
-        jsonable(_study(_two(adst, [v - 0.02 for v in adst]), ("s4", "adst")))
-    )
+    assert "not a tie: **adst** stays" in study.format_markdown(jsonable(worse_study))
     # One seed: no interval, so no tie, and the words say why.
     one = _study(_two(adst[:1], tied[:1], seeds=1), ("s4", "adst"))
     assert not one["across"]["tie_prefer"]["applied"]
